@@ -1,0 +1,53 @@
+"""Client-side scoring of synthetic samples against private texts (step 3 of the algorithm).
+
+For user u with private texts D_u and unit-norm sample embeddings e_j:
+
+    raw_u[j] = Σ_{x ∈ D_u} cos(e_j, x) = e_j · (Σ_{x ∈ D_u} x)         (unit vectors: cosine = dot product)
+
+so one matrix product with the per-user *sum* of private embeddings scores every user at once. Each raw vector is
+centred and scaled, z_u = (raw_u − mean) / std, then clipped to L2 norm <= 1 (POPri, Hou et al. 2025, Sec. 3; the
+reference code's ``neural_scores_for_policy``). A user whose raw scores have zero variance contributes a zero vector,
+never NaN. The clip bounds one user's contribution to the sum by 1: the sensitivity the accountant assumes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from popri.privacy import SENSITIVITY
+
+
+def user_embedding_sums(private_embeddings: np.ndarray, user_index: np.ndarray, num_users: int) -> np.ndarray:
+    """Sum each user's private text embeddings: (M, d) texts with owner ids (M,) -> (num_users, d)."""
+    if private_embeddings.shape[0] != user_index.shape[0]:
+        raise ValueError(f"{private_embeddings.shape[0]} embeddings but {user_index.shape[0]} owner ids")
+    sums = np.zeros((num_users, private_embeddings.shape[1]), dtype=np.float64)
+    np.add.at(sums, user_index, private_embeddings.astype(np.float64))
+    return sums
+
+
+def raw_user_scores(sample_embeddings: np.ndarray, user_sums: np.ndarray) -> np.ndarray:
+    """raw_scores[u, j] = Σ_{x ∈ D_u} cos(e_j, x), shape (users, samples). Private: never leaves the client."""
+    return user_sums @ sample_embeddings.astype(np.float64).T
+
+
+def clip_user_scores(raw_scores: np.ndarray, *, max_norm: float = SENSITIVITY, eps: float = 1e-12) -> np.ndarray:
+    """Centre and scale each row, then clip it to L2 norm <= ``max_norm``; zero-variance rows become zeros.
+
+    clipped_u = z_u · min(1, max_norm / ||z_u||),  z_u = (raw_u − mean(raw_u)) / std(raw_u).
+    """
+    centred = raw_scores - raw_scores.mean(axis=1, keepdims=True)
+    std = centred.std(axis=1, keepdims=True)
+    flat = std[:, 0] <= eps
+    z = np.divide(centred, std, out=np.zeros_like(centred), where=~flat[:, None])
+    norms = np.linalg.norm(z, axis=1, keepdims=True)
+    scale = np.minimum(1.0, max_norm / np.maximum(norms, eps))
+    return z * scale
+
+
+def clipped_scores_sum(sample_embeddings: np.ndarray, user_sums: np.ndarray, *, chunk: int = 512) -> np.ndarray:
+    """Σ_u clip(z_u) over the given users, vectorised in chunks of users to bound memory. Shape (samples,)."""
+    total = np.zeros(sample_embeddings.shape[0], dtype=np.float64)
+    for start in range(0, user_sums.shape[0], chunk):
+        total += clip_user_scores(raw_user_scores(sample_embeddings, user_sums[start : start + chunk])).sum(axis=0)
+    return total

@@ -1,0 +1,285 @@
+"""LargeFedBench configuration: one frozen dataclass per concern, validated when built, plus the three presets.
+
+Errors name the key the way the command line spells it (``--dpfedavg-rounds`` is ``dpfedavg.rounds``), so a typo or a
+bad value is found before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS: tuple[str, ...] = ("eps0", "epsinf", "dpfedavg", "pe", "popri")
+PRIVATE_METHODS: tuple[str, ...] = ("dpfedavg", "pe", "popri")
+NAMED_DATASETS: tuple[str, ...] = ("shakespeare", "congress", "biorxiv", "pubmed")
+PRESETS: tuple[str, ...] = ("quick", "default", "paper")
+
+
+class BenchConfigError(ValueError):
+    """An invalid benchmark setting; the message names the key and what would fix it."""
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise BenchConfigError(f"invalid benchmark key '{key}': {why}")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which private data set, and how it is cut into private train / validation / test.
+
+    Test and validation hold out whole *users* (see :mod:`benchmark.datasets` for why), and every text that also
+    occurs in an earlier split is dropped from the later one, so no text is shared between splits.
+    """
+
+    dataset: str = field(
+        default="shakespeare",
+        metadata={"help": "'shakespeare' (offline), 'congress', 'biorxiv', 'pubmed', or a user JSONL/JSON/parquet"},
+    )
+    data_file: str = field(
+        default="",
+        metadata={"help": "local raw file (or folder) for congress/biorxiv/pubmed; without it they come from the hub"},
+    )
+    max_users: int = field(default=0, metadata={"help": "keep a seeded random subset of this many users (0 = all)"})
+    min_text_chars: int = field(default=20, metadata={"help": "shorter texts are dropped"})
+    token_budget: int = field(default=64, metadata={"help": "every text is truncated to this many tokens"})
+    validation_fraction: float = field(default=0.1, metadata={"help": "fraction of users held out for validation"})
+    test_fraction: float = field(default=0.1, metadata={"help": "fraction of users held out for test"})
+    max_validation_texts: int = field(default=500, metadata={"help": "seeded cap on validation texts (0 = all)"})
+    max_test_texts: int = field(default=2000, metadata={"help": "seeded cap on test texts (0 = all)"})
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dataset), "data.dataset", f"give one of {', '.join(NAMED_DATASETS)} or a file path")
+        _check(self.max_users >= 0, "data.max-users", f"must be >= 0, got {self.max_users}")
+        _check(self.min_text_chars >= 1, "data.min-text-chars", f"must be >= 1, got {self.min_text_chars}")
+        _check(self.token_budget >= 1, "data.token-budget", f"must be >= 1, got {self.token_budget}")
+        _check(0 < self.validation_fraction < 1, "data.validation-fraction", "must be in (0, 1)")
+        _check(0 < self.test_fraction < 1, "data.test-fraction", "must be in (0, 1)")
+        _check(
+            self.validation_fraction + self.test_fraction < 1,
+            "data.test-fraction",
+            f"validation + test fractions must leave users for training, got {self.validation_fraction} + "
+            f"{self.test_fraction}",
+        )
+        _check(self.max_validation_texts >= 0, "data.max-validation-texts", "must be >= 0")
+        _check(self.max_test_texts >= 0, "data.max-test-texts", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DownstreamConfig:
+    """The small GPT-2-style causal LM every method trains, and the one training recipe they all share."""
+
+    n_embd: int = field(default=64, metadata={"help": "hidden size (the tied token embedding dominates the size)"})
+    n_layer: int = field(default=2, metadata={"help": "transformer blocks"})
+    n_head: int = field(default=2, metadata={"help": "attention heads"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout in attention, residual and embedding"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (constant, as in the paper)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    batch_size: int = field(default=32, metadata={"help": "texts per optimizer step"})
+    pretrain_epochs: int = field(default=8, metadata={"help": "max epochs of the public-only (eps0) model"})
+    epochs: int = field(default=4, metadata={"help": "max epochs when a method trains the eps0 model further"})
+    max_steps: int = field(default=0, metadata={"help": "cap on optimizer steps per training (0 = no cap)"})
+    eval_every: int = field(default=50, metadata={"help": "validate every this many steps (and at the end)"})
+    eval_batch_size: int = field(default=64, metadata={"help": "texts per evaluation batch"})
+
+    def __post_init__(self) -> None:
+        for key in ("n_embd", "n_layer", "n_head", "batch_size", "pretrain_epochs", "epochs", "eval_every"):
+            _check(getattr(self, key) >= 1, f"downstream.{key.replace('_', '-')}", "must be >= 1")
+        _check(self.n_embd % self.n_head == 0, "downstream.n-head", f"must divide n-embd ({self.n_embd})")
+        _check(0 <= self.dropout < 1, "downstream.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.learning_rate > 0, "downstream.learning-rate", f"must be > 0, got {self.learning_rate}")
+        _check(self.weight_decay >= 0, "downstream.weight-decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.max_steps >= 0, "downstream.max-steps", f"must be >= 0, got {self.max_steps}")
+        _check(self.eval_batch_size >= 1, "downstream.eval-batch-size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """The generator side shared by eps0, PE and POPri: same model, prompts, sampling and corpus size."""
+
+    generator: str = field(default="smollm2", metadata={"help": "'smollm2' (packaged) or a local HF model folder"})
+    samples: int = field(
+        default=1000, metadata={"help": "size of every synthetic corpus (public eps0 corpus, PE and POPri final)"}
+    )
+    max_new_tokens: int = field(default=48, metadata={"help": "new tokens per generated sample"})
+    initial_set_size: int = field(default=64, metadata={"help": "public seed samples the prompts draw from"})
+    generation_batch_size: int = field(default=32, metadata={"help": "prompts decoded together"})
+    instruction: str = field(
+        default="", metadata={"help": "public instruction for the initial set ('' = the data set's default)"}
+    )
+
+    def __post_init__(self) -> None:
+        _check(bool(self.generator), "corpus.generator", "give 'smollm2' or a model folder")
+        _check(self.samples >= 3, "corpus.samples", f"must be >= 3, got {self.samples}")
+        _check(self.max_new_tokens >= 1, "corpus.max-new-tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _check(self.initial_set_size >= 3, "corpus.initial-set-size", "prompts draw 3 samples; must be >= 3")
+        _check(self.generation_batch_size >= 1, "corpus.generation-batch-size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DPFedAvgConfig:
+    """DP-FedAvg with user-level DP (McMahan, Ramage, Talwar, Zhang 2018, "Learning Differentially Private Recurrent
+    Language Models", ICLR): Poisson-sampled users, per-user clipped updates, Gaussian noise on their sum, fixed
+    denominator ``q·N``."""
+
+    rounds: int = field(default=15, metadata={"help": "T, federated rounds (each one is a private release)"})
+    sample_rate: float = field(default=0.05, metadata={"help": "q, Poisson sampling rate of users per round"})
+    clip_norm: float = field(default=0.5, metadata={"help": "C, L2 bound on one user's model update"})
+    local_steps: int = field(default=2, metadata={"help": "local SGD steps per sampled user"})
+    local_batch_size: int = field(default=16, metadata={"help": "texts per local step"})
+    local_learning_rate: float = field(default=0.5, metadata={"help": "local SGD learning rate"})
+    server_learning_rate: float = field(default=1.0, metadata={"help": "server step on the noisy mean update"})
+    num_nodes: int = field(default=4, metadata={"help": "Flower nodes; each holds a round-robin group of users"})
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "dpfedavg.rounds", f"must be >= 1, got {self.rounds}")
+        _check(0 < self.sample_rate <= 1, "dpfedavg.sample-rate", f"must be in (0, 1], got {self.sample_rate}")
+        _check(self.clip_norm > 0, "dpfedavg.clip-norm", f"must be > 0, got {self.clip_norm}")
+        _check(self.local_steps >= 1, "dpfedavg.local-steps", f"must be >= 1, got {self.local_steps}")
+        _check(self.local_batch_size >= 1, "dpfedavg.local-batch-size", "must be >= 1")
+        _check(self.local_learning_rate > 0, "dpfedavg.local-learning-rate", "must be > 0")
+        _check(self.server_learning_rate > 0, "dpfedavg.server-learning-rate", "must be > 0")
+        _check(self.num_nodes >= 1, "dpfedavg.num-nodes", f"must be >= 1, got {self.num_nodes}")
+
+
+@dataclass(frozen=True)
+class PEConfig:
+    """Private Evolution (Lin et al. 2024; Xie et al. 2024, Aug-PE; Hou et al. 2024, PrE-Text) with user-level votes."""
+
+    rounds: int = field(default=4, metadata={"help": "T, PE iterations (each one is a private release)"})
+    population: int = field(default=128, metadata={"help": "synthetic samples voted on per iteration"})
+    keep: int = field(default=32, metadata={"help": "top-voted samples kept as in-context examples for variations"})
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "pe.rounds", f"must be >= 1, got {self.rounds}")
+        _check(self.population >= 3, "pe.population", f"must be >= 3, got {self.population}")
+        _check(3 <= self.keep <= self.population, "pe.keep", f"must be in [3, population], got {self.keep}")
+
+
+@dataclass(frozen=True)
+class PopriMethodConfig:
+    """The POPri run. Generator, sampling lengths, initial set, token budget, corpus size, δ and the accountant come
+    from the shared settings so that POPri, PE and eps0 differ only in how they use the private data; any other
+    popri config key can be set through ``extra``."""
+
+    rounds: int = field(default=6, metadata={"help": "T, POPri rounds"})
+    prompts: int = field(default=32, metadata={"help": "K, prompts (= preference pairs) per round"})
+    samples_per_prompt: int = field(default=4, metadata={"help": "J, samples per prompt"})
+    rejected_rank: int = field(default=2, metadata={"help": "rank (0 = best) of the rejected sample"})
+    num_nodes: int = field(default=2, metadata={"help": "Flower nodes in the POPri simulation"})
+    extra: tuple[tuple[str, Any], ...] = field(
+        default=(), metadata={"help": "more popri config keys as (kebab-key, value) pairs"}
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "popri.rounds", f"must be >= 1, got {self.rounds}")
+        _check(self.prompts >= 1, "popri.prompts", f"must be >= 1, got {self.prompts}")
+        _check(self.samples_per_prompt >= 2, "popri.samples-per-prompt", "must be >= 2")
+        _check(
+            1 <= self.rejected_rank < self.samples_per_prompt,
+            "popri.rejected-rank",
+            f"must be in [1, samples-per-prompt), got {self.rejected_rank}",
+        )
+        _check(self.num_nodes >= 1, "popri.num-nodes", f"must be >= 1, got {self.num_nodes}")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A whole benchmark: data, downstream recipe, the methods and privacy budgets, and where results go."""
+
+    preset: str = "default"
+    data: DataSpec = field(default_factory=DataSpec)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    dpfedavg: DPFedAvgConfig = field(default_factory=DPFedAvgConfig)
+    pe: PEConfig = field(default_factory=PEConfig)
+    popri: PopriMethodConfig = field(default_factory=PopriMethodConfig)
+    methods: tuple[str, ...] = METHODS
+    epsilons: tuple[float, ...] = (1.0, 7.0)
+    delta: float = 3e-6
+    accountant: str = "rdp"
+    seed: int = 0
+    noise_seed: int | None = None
+    output: str = "runs/bench"
+    cache_dir: str = ""
+    progress: bool = True
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.preset in PRESETS, "preset", f"use one of {', '.join(PRESETS)}, got {self.preset!r}")
+        _check(len(self.methods) >= 1, "methods", "select at least one method")
+        unknown = [m for m in self.methods if m not in METHODS]
+        _check(not unknown, "methods", f"unknown method {unknown[:1]}; use {', '.join(METHODS)}")
+        _check(len(set(self.methods)) == len(self.methods), "methods", "a method is listed twice")
+        _check(len(self.epsilons) >= 1 or not set(self.methods) & set(PRIVATE_METHODS), "epsilons", "give at least one")
+        for eps in self.epsilons:
+            _check(math.isfinite(eps) and eps > 0, "epsilons", f"each must be finite and > 0, got {eps}")
+        _check(0 < self.delta < 1, "delta", f"must be in (0, 1), got {self.delta}")
+        _check(self.accountant in ("rdp", "prv"), "accountant", f"use 'rdp' or 'prv', got {self.accountant!r}")
+        _check(bool(self.output), "output", "give an output folder")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output)
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "popri"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view (saved in results.json so a table can be traced to its settings)."""
+        out = dataclasses.asdict(self)
+        out["methods"] = list(self.methods)
+        out["epsilons"] = list(self.epsilons)
+        out["popri"]["extra"] = dict(self.popri.extra)
+        return out
+
+
+def preset_config(name: str, **overrides: Any) -> BenchConfig:
+    """The named preset, with top-level fields replaced by ``overrides``.
+
+    - ``quick``: every method at toy size on 60 Shakespeare users, two ε; minutes on 2 CPU cores (CI).
+    - ``default``: the full comparison on Shakespeare (all ~1,350 users), aimed at <= 90 minutes on 2 cores.
+    - ``paper``: the paper's sizes (K=1800, J=10, T=20, 64 tokens, a large final corpus); needs a GPU.
+    """
+    _check(name in PRESETS, "preset", f"use one of {', '.join(PRESETS)}, got {name!r}")
+    if name == "quick":
+        base = BenchConfig(
+            preset="quick",
+            data=DataSpec(
+                max_users=60, validation_fraction=0.15, test_fraction=0.15, max_validation_texts=100, max_test_texts=200
+            ),
+            downstream=DownstreamConfig(
+                n_embd=32, n_layer=1, n_head=2, batch_size=16, pretrain_epochs=2, epochs=1, eval_every=20
+            ),
+            corpus=CorpusConfig(samples=24, max_new_tokens=20, initial_set_size=8, generation_batch_size=16),
+            dpfedavg=DPFedAvgConfig(rounds=2, sample_rate=0.5, local_steps=1, num_nodes=2),
+            pe=PEConfig(rounds=1, population=16, keep=4),
+            popri=PopriMethodConfig(
+                rounds=1,
+                prompts=4,
+                samples_per_prompt=3,
+                rejected_rank=1,
+            ),
+        )
+    elif name == "default":
+        base = BenchConfig(preset="default")
+    else:
+        base = BenchConfig(
+            preset="paper",
+            data=DataSpec(max_validation_texts=5000, max_test_texts=0),
+            downstream=DownstreamConfig(n_embd=256, n_layer=4, n_head=4, pretrain_epochs=20, epochs=20, eval_every=500),
+            corpus=CorpusConfig(samples=100_000, max_new_tokens=85, initial_set_size=1000, generation_batch_size=128),
+            dpfedavg=DPFedAvgConfig(rounds=100, sample_rate=0.1, num_nodes=16),
+            pe=PEConfig(rounds=20, population=18_000, keep=1800),
+            popri=PopriMethodConfig(
+                rounds=20,
+                prompts=1800,
+                samples_per_prompt=10,
+                rejected_rank=4,
+                num_nodes=16,
+            ),
+        )
+    return dataclasses.replace(base, **overrides) if overrides else base

@@ -1,0 +1,114 @@
+"""Synthetic corpora from the generator: the public (ε = 0) corpus, and the sampling PE and POPri share.
+
+Every corpus is written the way POPri writes its final corpus: prompts of the paper's template, each filled with 3
+random examples, one completion per prompt, cleaned and cut to the token budget (:mod:`popri.generation`). The public
+corpus uses the *untuned* generator and the *public* initial set (answers of the generator to a public instruction),
+so it carries no private signal: the model trained on it is the ε = 0 reference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmark.config import CorpusConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Generator:
+    """The generator LLM and what it needs to write samples (held for the whole benchmark, loaded once)."""
+
+    model: Any
+    tokenizer: Any
+    config: CorpusConfig
+    token_budget: int
+    instruction: str
+    cache_dir: Path | None = None
+
+
+def initial_set(gen: Generator, *, seed: int, progress: bool = False) -> list[str]:
+    """The public initial set (cached by popri under ``cache_dir``; POPri's own run derives the same one)."""
+    from popri.generation import make_initial_set
+
+    return make_initial_set(
+        gen.model,
+        gen.tokenizer,
+        instruction=gen.instruction,
+        size=gen.config.initial_set_size,
+        max_new_tokens=gen.config.max_new_tokens,
+        token_budget=gen.token_budget,
+        seed=seed,
+        cache_dir=gen.cache_dir,
+        model_id=gen.config.generator,
+        progress=progress,
+    )
+
+
+def generate_from_examples(
+    gen: Generator,
+    examples: list[str],
+    *,
+    count: int,
+    rng: np.random.Generator,
+    generator: torch.Generator,
+    progress: bool = False,
+    desc: str = "generate",
+    max_tries: int = 3,
+) -> list[str]:
+    """``count`` non-empty samples, each the completion of a prompt filled with 3 random ``examples``.
+
+    An empty completion (the model wrote only a header) is replaced by a fresh one, up to ``max_tries`` passes.
+    """
+    from popri.generation import build_prompts, sample_completions
+
+    samples: list[str] = []
+    for _ in range(max_tries):
+        want = count - len(samples)
+        if want <= 0:
+            break
+        prompts = build_prompts(examples, num_prompts=want, rng=rng)
+        batch = sample_completions(
+            gen.model,
+            gen.tokenizer,
+            prompts,
+            samples_per_prompt=1,
+            max_new_tokens=gen.config.max_new_tokens,
+            token_budget=gen.token_budget,
+            batch_size=gen.config.generation_batch_size,
+            generator=generator,
+            progress=progress,
+            desc=desc,
+        )
+        samples += [s for s in batch if s.strip()]
+    if len(samples) < count:
+        logger.warning("%s: only %d of %d samples are non-empty", desc, len(samples), count)
+    return samples[:count]
+
+
+def write_corpus(texts: list[str], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for text in texts:
+            fh.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def read_corpus(path: Path) -> list[str]:
+    """Texts of a ``{"text": ...}`` JSONL file (POPri's ``synthetic.jsonl`` and the benchmark's own corpora)."""
+    texts = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if line.strip():
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f'{path}:{lineno}: expected {{"text": "..."}}')
+                texts.append(record["text"])
+    return texts

@@ -170,6 +170,10 @@ class PopriMethodConfig:
     samples_per_prompt: int = field(default=4, metadata={"help": "J, samples per prompt"})
     rejected_rank: int = field(default=2, metadata={"help": "rank (0 = best) of the rejected sample"})
     num_nodes: int = field(default=2, metadata={"help": "Flower nodes in the POPri simulation"})
+    backend: str = field(
+        default="inprocess",
+        metadata={"help": "'inprocess' (popri's ServerApp/ClientApp over an in-process grid) or 'simulation' (Ray)"},
+    )
     extra: tuple[tuple[str, Any], ...] = field(
         default=(), metadata={"help": "more popri config keys as (kebab-key, value) pairs"}
     )
@@ -184,6 +188,11 @@ class PopriMethodConfig:
             f"must be in [1, samples-per-prompt), got {self.rejected_rank}",
         )
         _check(self.num_nodes >= 1, "popri.num-nodes", f"must be >= 1, got {self.num_nodes}")
+        _check(
+            self.backend in ("inprocess", "simulation"),
+            "popri.backend",
+            f"use 'inprocess' or 'simulation', got {self.backend!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -191,7 +200,7 @@ class BenchConfig:
     """A whole benchmark: data, downstream recipe, the methods and privacy budgets, and where results go."""
 
     preset: str = "default"
-    data: DataSpec = field(default_factory=DataSpec)
+    datasets: tuple[DataSpec, ...] = (DataSpec(),)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     dpfedavg: DPFedAvgConfig = field(default_factory=DPFedAvgConfig)
@@ -210,6 +219,9 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         _check(self.preset in PRESETS, "preset", f"use one of {', '.join(PRESETS)}, got {self.preset!r}")
+        _check(len(self.datasets) >= 1, "dataset", "select at least one data set")
+        names = [d.dataset for d in self.datasets]
+        _check(len(set(names)) == len(names), "dataset", f"a data set is listed twice: {names}")
         _check(len(self.methods) >= 1, "methods", "select at least one method")
         unknown = [m for m in self.methods if m not in METHODS]
         _check(not unknown, "methods", f"unknown method {unknown[:1]}; use {', '.join(METHODS)}")
@@ -231,6 +243,7 @@ class BenchConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view (saved in results.json so a table can be traced to its settings)."""
         out = dataclasses.asdict(self)
+        out["datasets"] = [dataclasses.asdict(d) for d in self.datasets]
         out["methods"] = list(self.methods)
         out["epsilons"] = list(self.epsilons)
         out["popri"]["extra"] = dict(self.popri.extra)
@@ -248,8 +261,14 @@ def preset_config(name: str, **overrides: Any) -> BenchConfig:
     if name == "quick":
         base = BenchConfig(
             preset="quick",
-            data=DataSpec(
-                max_users=60, validation_fraction=0.15, test_fraction=0.15, max_validation_texts=100, max_test_texts=200
+            datasets=(
+                DataSpec(
+                    max_users=60,
+                    validation_fraction=0.15,
+                    test_fraction=0.15,
+                    max_validation_texts=100,
+                    max_test_texts=200,
+                ),
             ),
             downstream=DownstreamConfig(
                 n_embd=32, n_layer=1, n_head=2, batch_size=16, pretrain_epochs=2, epochs=1, eval_every=20
@@ -269,7 +288,7 @@ def preset_config(name: str, **overrides: Any) -> BenchConfig:
     else:
         base = BenchConfig(
             preset="paper",
-            data=DataSpec(max_validation_texts=5000, max_test_texts=0),
+            datasets=(DataSpec(max_validation_texts=5000, max_test_texts=0),),
             downstream=DownstreamConfig(n_embd=256, n_layer=4, n_head=4, pretrain_epochs=20, epochs=20, eval_every=500),
             corpus=CorpusConfig(samples=100_000, max_new_tokens=85, initial_set_size=1000, generation_batch_size=128),
             dpfedavg=DPFedAvgConfig(rounds=100, sample_rate=0.1, num_nodes=16),

@@ -46,6 +46,8 @@ class InProcessGrid(Grid):
         self.client_app = client_app
         self.dead: set[int] = set()
         self._run: Any = None
+        self._sent = 0
+        self._mailbox: dict[str, Message] = {}
         self.contexts = {
             nid: Context(
                 run_id=run_id, node_id=nid, node_config=dict(cfg), state=RecordDict(), run_config=dict(run_config or {})
@@ -68,23 +70,31 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return [nid for nid in self.contexts if nid not in self.dead]
 
+    def _deliver(self, message: Message) -> Message | None:
+        """The node's reply (an error reply if its ClientApp raised), or None if the node is down."""
+        self._sent += 1
+        message.metadata.__dict__["_message_id"] = f"inprocess-{self._sent}"  # as Flower's InMemoryGrid does
+        nid = message.metadata.dst_node_id
+        if nid in self.dead:
+            return None  # a dropped node never answers
+        try:
+            return self.client_app(message, self.contexts[nid])
+        except Exception as err:  # a ClientApp crash must look like a node's error reply, not stop the server
+            logger.warning("node %d failed: %s: %s", nid, type(err).__name__, err)
+            return Message(Error(code=ERROR_CLIENT_EXCEPTION, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("InProcessGrid delivers synchronously: use send_and_receive")
+        """Delivers at once; the replies wait in a mailbox until pulled."""
+        ids = []
+        for message in messages:
+            reply = self._deliver(message)
+            ids.append(message.metadata.message_id)
+            if reply is not None:
+                self._mailbox[message.metadata.message_id] = reply
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("InProcessGrid delivers synchronously: use send_and_receive")
+        return [self._mailbox.pop(mid) for mid in list(message_ids) if mid in self._mailbox]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for message in messages:
-            nid = message.metadata.dst_node_id
-            if nid in self.dead:
-                continue  # a dropped node never answers
-            try:
-                replies.append(self.client_app(message, self.contexts[nid]))
-            except Exception as err:  # a ClientApp crash must look like a node's error reply, not stop the server
-                logger.warning("node %d failed: %s: %s", nid, type(err).__name__, err)
-                replies.append(
-                    Message(Error(code=ERROR_CLIENT_EXCEPTION, reason=f"{type(err).__name__}: {err}"), reply_to=message)
-                )
-        return replies
+        return [reply for reply in map(self._deliver, messages) if reply is not None]

@@ -1,0 +1,158 @@
+"""The POPri method: a real popri run (its own ServerApp and ClientApp) on exactly the private train split.
+
+The benchmark writes the private train users to a user JSONL file and hands popri a config built from the shared
+settings (generator, sampling lengths, initial set, token budget, corpus size, δ, accountant, seed), so POPri, PE and
+eps0 differ only in how they use private data. popri's ``synthetic.jsonl`` is the corpus the downstream model trains
+on; ``privacy.json`` gives the ε its ledger spent.
+
+Backends: ``simulation`` runs popri's own Flower simulation entry point (Ray, virtual SuperNodes); ``inprocess``
+runs the same ServerApp and ClientApp over :class:`benchmark.flower_grid.InProcessGrid` (no Ray: for tests and small
+machines).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmark.config import BenchConfig, DataSpec
+from benchmark.corpus import read_corpus
+from benchmark.flower_grid import InProcessGrid
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("inprocess", "simulation")
+
+
+def popri_flat_config(
+    bench: BenchConfig, spec: DataSpec, *, epsilon: float, train_file: Path, output: Path, instruction: str
+) -> dict[str, Any]:
+    """popri's flat (kebab-case) config for one ε."""
+    flat: dict[str, Any] = {
+        "data": str(train_file),
+        "validation-fraction": 0.0,  # the file is the private train split: every user in it takes part
+        "min-text-chars": 1,  # already filtered and truncated by the benchmark
+        "max-users": 0,
+        "model": bench.corpus.generator,
+        "prompts": bench.popri.prompts,
+        "samples-per-prompt": bench.popri.samples_per_prompt,
+        "rejected-rank": bench.popri.rejected_rank,
+        "max-new-tokens": bench.corpus.max_new_tokens,
+        "token-budget": spec.token_budget,
+        "initial-set-size": bench.corpus.initial_set_size,
+        "initial-instruction": instruction,
+        "generation-batch-size": bench.corpus.generation_batch_size,
+        "final-samples": bench.corpus.samples,
+        "rounds": bench.popri.rounds,
+        "epsilon": epsilon,
+        "delta": bench.delta,
+        "sample-rate": 1.0,
+        "accountant": bench.accountant,
+        "seed": bench.seed,
+        "num-nodes": bench.popri.num_nodes,
+        "output": str(output),
+    }
+    if bench.cache_dir:
+        flat["cache-dir"] = bench.cache_dir
+    if bench.noise_seed is not None:
+        flat["noise-seed"] = bench.noise_seed
+    flat.update(dict(bench.popri.extra))
+    return flat
+
+
+def _run_inprocess(flat: dict[str, Any], *, num_nodes: int, progress: bool) -> None:
+    from flwr.app import Context, RecordDict
+
+    from client.app import make_client_app
+    from server.app import make_server_app
+
+    overrides = {**flat, "progress": progress}
+    errors: list[BaseException] = []
+    grid = InProcessGrid(
+        make_client_app(overrides),
+        {100 + pid: {"partition-id": pid, "num-partitions": num_nodes} for pid in range(num_nodes)},
+    )
+    server_app = make_server_app(overrides, errors)
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+    if errors:
+        raise errors[0]
+
+
+def _run_simulation(flat: dict[str, Any], *, progress: bool) -> None:
+    from popri.config import config_from_flat
+
+    config = config_from_flat(flat)
+    try:
+        from popri.runner import run_simulation  # type: ignore[import-not-found]
+    except ImportError:
+        from server.simulation import run_simulation
+    try:
+        run_simulation(config, progress=progress)
+    except TypeError:  # an entry point without the progress flag
+        run_simulation(config)
+
+
+@dataclass
+class PopriResult:
+    corpus: list[str]
+    epsilon: float
+    noise_multiplier: float | None
+    rounds: int
+    bytes_down_per_client_round: int
+    bytes_up_per_client_round: int
+    seconds: float
+    output: Path
+
+
+def client_bytes_per_round(*, prompts: int, samples_per_prompt: int, embedding_dim: int) -> tuple[int, int]:
+    """(down, up) bytes for one client per round, from the message shapes popri sends.
+
+    Down: the K·J × d sample embeddings as float32 (server/app.py ``query_nodes``). Up: the K·J clipped score sum as
+    float64 (client/app.py). Message framing is not counted, for any method.
+    """
+    n = prompts * samples_per_prompt
+    return n * embedding_dim * 4, n * 8
+
+
+def run_popri_method(
+    bench: BenchConfig,
+    spec: DataSpec,
+    *,
+    epsilon: float,
+    train_file: Path,
+    output: Path,
+    instruction: str,
+    embedding_dim: int,
+) -> PopriResult:
+    """One popri run at ``epsilon``; returns its final corpus and its ledger's ε."""
+    backend = bench.popri.backend
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown popri backend {backend!r}; use {', '.join(BACKENDS)}")
+    start = time.time()
+    flat = popri_flat_config(
+        bench, spec, epsilon=epsilon, train_file=train_file, output=output, instruction=instruction
+    )
+    logger.info("POPri run at epsilon=%g -> %s (%s)", epsilon, output, backend)
+    if backend == "inprocess":
+        _run_inprocess(flat, num_nodes=bench.popri.num_nodes, progress=bench.progress)
+    else:
+        _run_simulation(flat, progress=bench.progress)
+    privacy = json.loads((output / "privacy.json").read_text())
+    corpus = read_corpus(output / "synthetic.jsonl")
+    down, up = client_bytes_per_round(
+        prompts=bench.popri.prompts, samples_per_prompt=bench.popri.samples_per_prompt, embedding_dim=embedding_dim
+    )
+    return PopriResult(
+        corpus=corpus,
+        epsilon=float(privacy["epsilon"]),
+        noise_multiplier=privacy.get("noise_multiplier"),
+        rounds=int(privacy.get("rounds_completed", bench.popri.rounds)),
+        bytes_down_per_client_round=down,
+        bytes_up_per_client_round=up,
+        seconds=time.time() - start,
+        output=output,
+    )

@@ -1,0 +1,216 @@
+"""LoRA DPO on the server (step 6): sigmoid loss, reference = the base model with the adapter disabled.
+
+One LoRA adapter lives on the frozen base model for the whole run; its weights and the AdamW state carry over
+between rounds (and through checkpoints), so the reference stays the original base model, as in the paper.
+Tokenisation follows TRL's ``DPOTrainer`` for plain-text pairs (EOS appended to each completion, the prompt split at
+the common prefix of the tokenised prompt and prompt+completion), so a step here and a step there agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from popri.config import TrainConfig
+from popri.preferences import PreferencePair
+
+logger = logging.getLogger(__name__)
+
+
+def dpo_sigmoid_loss(
+    *,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO loss and implicit rewards (Rafailov et al. 2023, eq. 7; TRL ``loss_type="sigmoid"``).
+
+    loss = −log σ(β[(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))])
+    rewards: r_w = β(log π(y_w|x) − log π_ref(y_w|x)), r_l likewise. Returns (losses, chosen_rewards, rejected_rewards).
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t log p(x_t | x_<t) over completion tokens. logits (B, T, V); input_ids, completion_mask (B, T) -> (B,)."""
+    logps = torch.gather(logits[:, :-1].float().log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(-1)
+    return (logps * completion_mask[:, 1:]).sum(-1)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+def tokenize_pair(tokenizer: Any, pair: PreferencePair) -> TokenizedPair:
+    """Token ids as TRL's DPOTrainer builds them for a non-conversational pair."""
+    eos = tokenizer.eos_token
+    chosen = pair.chosen if pair.chosen.endswith(eos) else pair.chosen + eos
+    rejected = pair.rejected if pair.rejected.endswith(eos) else pair.rejected + eos
+    prompt_ids = tokenizer(pair.prompt)["input_ids"]
+    prompt_chosen = tokenizer(pair.prompt + chosen)["input_ids"]
+    prompt_rejected = tokenizer(pair.prompt + rejected)["input_ids"]
+    n = min(_common_prefix(prompt_ids, prompt_chosen), _common_prefix(prompt_ids, prompt_rejected))
+    return TokenizedPair(prompt_ids[:n], prompt_chosen[n:], prompt_rejected[n:])
+
+
+def collate(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows [chosen_1..chosen_B, rejected_1..rejected_B], each prompt+completion flush left, padded right."""
+    rows = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    prompt_lens = [len(p.prompt_ids) for p in pairs] * 2
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, plen) in enumerate(zip(rows, prompt_lens, strict=True)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+        completion_mask[i, plen : len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+class LoraDPO:
+    """A LoRA adapter on a frozen base model, trained round after round with DPO.
+
+    ``policy`` is a peft model; the base weights never change. ``state_dict`` holds the adapter and the optimizer,
+    which is everything a checkpoint needs to continue training exactly.
+    """
+
+    def __init__(self, base_model: Any, tokenizer: Any, *, config: TrainConfig) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        self.config = config
+        self.tokenizer = tokenizer
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules="all-linear",  # every attention and MLP projection (lm_head excluded)
+            task_type="CAUSAL_LM",
+        )
+        self.policy = get_peft_model(base_model, lora)
+        self.policy.eval()  # no dropout: policy and reference see the same deterministic network
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.policy.parameters() if p.requires_grad], lr=config.learning_rate
+        )
+        self.steps_done = 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    def _logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log π_ref of every row: the same network with the adapter disabled, i.e. the original base model."""
+        with self.policy.disable_adapter():
+            return self._logps(batch)
+
+    def step(self, pairs: list[TokenizedPair], ref_logps: torch.Tensor | None = None) -> dict[str, float]:
+        """One optimizer step on a batch of pairs; returns the loss and reward metrics of that batch."""
+        batch = {k: v.to(self.device) for k, v in collate(pairs, self.tokenizer.pad_token_id).items()}
+        if ref_logps is None:
+            ref_logps = self.reference_logps(batch)
+        n = len(pairs)
+        logps = self._logps(batch)
+        losses, chosen_rewards, rejected_rewards = dpo_sigmoid_loss(
+            policy_chosen_logps=logps[:n],
+            policy_rejected_logps=logps[n:],
+            ref_chosen_logps=ref_logps[:n],
+            ref_rejected_logps=ref_logps[n:],
+            beta=self.config.beta,
+        )
+        loss = losses.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.steps_done += 1
+        margins = chosen_rewards - rejected_rewards
+        return {
+            "loss": float(loss.detach()),
+            "rewards_chosen": float(chosen_rewards.mean()),
+            "rewards_rejected": float(rejected_rewards.mean()),
+            "rewards_margin": float(margins.mean()),
+            "rewards_accuracy": float((margins > 0).float().mean()),
+        }
+
+    def train_round(
+        self, pairs: list[PreferencePair], *, rng: np.random.Generator, progress: bool = False
+    ) -> dict[str, float]:
+        """``config.epochs`` passes over the round's pairs in shuffled batches; metrics averaged over steps.
+
+        Reference log-probs are computed once per pair up front (the reference never changes), which saves a
+        forward pass per step.
+        """
+        tokenized = [tokenize_pair(self.tokenizer, p) for p in pairs]
+        bs = self.config.batch_size
+        ref: dict[int, tuple[float, float]] = {}
+        for start in range(0, len(tokenized), bs):
+            chunk = tokenized[start : start + bs]
+            batch = {k: v.to(self.device) for k, v in collate(chunk, self.tokenizer.pad_token_id).items()}
+            logps = self.reference_logps(batch).cpu()
+            for i in range(len(chunk)):
+                ref[start + i] = (float(logps[i]), float(logps[len(chunk) + i]))
+        history: list[dict[str, float]] = []
+        total = self.config.epochs * ((len(tokenized) + bs - 1) // bs)
+        with tqdm(total=total, desc="dpo", disable=not progress, unit="step", leave=False) as bar:
+            for _ in range(self.config.epochs):
+                order = rng.permutation(len(tokenized))
+                for start in range(0, len(order), bs):
+                    idx = [int(i) for i in order[start : start + bs]]
+                    ref_logps = torch.tensor(
+                        [ref[i][0] for i in idx] + [ref[i][1] for i in idx], device=self.device
+                    )
+                    history.append(self.step([tokenized[i] for i in idx], ref_logps))
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+        return {k: float(np.mean([h[k] for h in history])) for k in history[0]} if history else {}
+
+    def generation_model(self, dtype: torch.dtype | None = None) -> Any:
+        """A standalone copy of base + adapter with the LoRA merged in, for fast sampling (optionally cast)."""
+        merged = copy.deepcopy(self.policy).merge_and_unload()
+        merged.eval()
+        return merged.to(dtype) if dtype is not None else merged
+
+    def state_dict(self) -> dict[str, Any]:
+        from peft import get_peft_model_state_dict
+
+        return {
+            "adapter": {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.policy).items()},
+            "optimizer": self.optimizer.state_dict(),
+            "steps_done": self.steps_done,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.policy, state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_done = int(state["steps_done"])

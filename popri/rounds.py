@@ -1,0 +1,401 @@
+"""The server's side of a POPri run, free of any transport: generate → embed → collect → aggregate with DP →
+pairs → DPO → checkpoint, then the final synthetic corpus.
+
+``collect`` is the only door to private data: it takes the round's sample embeddings and returns each node's
+clipped sum. The Flower ServerApp passes a function that sends messages; tests may pass anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from popri import checkpoint as ckpt
+from popri.assets import load_generator
+from popri.config import ConfigError, RunConfig, config_to_flat, save_config
+from popri.data import load_user_data, split_users
+from popri.dpo import LoraDPO
+from popri.embedding import embed_texts, load_embedder
+from popri.generation import build_prompts, make_initial_set, sample_completions
+from popri.preferences import PreferencePair, build_pairs, random_pairs
+from popri.privacy import (
+    InvalidReplyError,
+    PrivacyLedger,
+    calibrate_noise,
+    gaussian_mechanism,
+    make_noise_rng,
+    validate_node_sum,
+)
+
+logger = logging.getLogger(__name__)
+
+# Keys whose change would break the privacy ledger or the meaning of a resumed run.
+_RESUME_LOCKED = ("epsilon", "noise-multiplier", "delta", "sample-rate", "accountant", "data", "max-users", "seed")
+
+
+@dataclass(frozen=True)
+class NodeReply:
+    """One node's answer: its clipped sum over sampled users, or the error that replaced it."""
+
+    node_id: int
+    node_sum: np.ndarray | None
+    num_users: int
+    error: str | None = None
+
+
+Collect = Callable[[np.ndarray, int, float], list[NodeReply]]  # (sample embeddings, round, sample rate) -> replies
+
+
+def aggregate_replies(
+    replies: list[NodeReply], *, expected_len: int
+) -> tuple[np.ndarray | None, int, list[str]]:
+    """Validate and re-clip every reply; sum the good ones. Returns (sum or None, users, rejection reasons)."""
+    total = np.zeros(expected_len, dtype=np.float64)
+    users, accepted, rejected = 0, 0, []
+    for reply in replies:
+        if reply.error is not None or reply.node_sum is None:
+            rejected.append(f"node {reply.node_id}: {reply.error or 'empty reply'}")
+            continue
+        try:
+            total += validate_node_sum(reply.node_sum, expected_len=expected_len, num_users=reply.num_users)
+        except InvalidReplyError as err:
+            rejected.append(f"node {reply.node_id}: {err}")
+            continue
+        users += reply.num_users
+        accepted += 1
+    for reason in rejected:
+        logger.warning("rejected reply from %s", reason)
+    return (total if accepted else None), users, rejected
+
+
+class PopriRun:
+    """One POPri run with its artifacts in ``config.output``; ``resume=True`` continues from the last checkpoint."""
+
+    def __init__(self, config: RunConfig, *, resume: bool = False, progress: bool = True) -> None:
+        self.config = config
+        self.progress = progress
+        self.out = Path(config.output)
+        self.ckpt_dir = self.out / "checkpoints"
+        self._prepare_output(resume)
+        p = config.privacy
+        if p.noise_multiplier is not None:
+            self.sigma = p.noise_multiplier
+        else:
+            assert p.epsilon is not None
+            self.sigma = calibrate_noise(
+                epsilon=p.epsilon, delta=p.delta, sample_rate=p.sample_rate, rounds=config.rounds, accountant=p.accountant
+            )
+        self.ledger = PrivacyLedger(delta=p.delta, accountant=p.accountant, target_epsilon=p.epsilon)
+        self.noise_rng, self.noise_reproducible = make_noise_rng(p.noise_seed)
+        self.prompt_rng = np.random.default_rng([config.seed, 1])
+        self.train_rng = np.random.default_rng([config.seed, 2])
+        self.control_rng = np.random.default_rng([config.seed, 3])
+        self.sample_gen = torch.Generator().manual_seed(config.seed)
+        cache = config.resolved_cache_dir()
+        model, self.tokenizer = load_generator(config.generation.model, cache_dir=cache)
+        self.dpo = LoraDPO(model, self.tokenizer, config=config.train)
+        self.embedder = load_embedder()
+        g = config.generation
+        self.initial_set = make_initial_set(
+            model,
+            self.tokenizer,
+            instruction=g.initial_instruction,
+            size=g.initial_set_size,
+            max_new_tokens=g.max_new_tokens,
+            token_budget=g.token_budget,
+            seed=config.seed,
+            cache_dir=cache,
+            model_id=g.model,
+            progress=progress,
+        )
+        self.records: list[dict[str, Any]] = []
+        self.start_round = 0
+        if resume:
+            self._restore()
+        self.val_centroid = self._validation_centroid() if config.diagnostics else None
+
+    # -- setup -------------------------------------------------------------------------------------------------
+
+    def _prepare_output(self, resume: bool) -> None:
+        saved = self.out / "config.json"
+        if resume:
+            if not saved.exists():
+                raise FileNotFoundError(f"--resume: {saved} does not exist; start a new run without --resume")
+            before = json.loads(saved.read_text())
+            now = config_to_flat(self.config)
+            changed = [k for k in _RESUME_LOCKED if before.get(k) != now.get(k)]
+            if changed:
+                raise ConfigError(
+                    f"invalid config key '{changed[0]}': a resumed run must keep {changed[0]}={before.get(changed[0])!r}"
+                    " (the privacy ledger depends on it)"
+                )
+        elif ckpt.latest_checkpoint(self.ckpt_dir) is not None:
+            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or pick a new --output")
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, saved)
+
+    def _restore(self) -> None:
+        latest = ckpt.latest_checkpoint(self.ckpt_dir)
+        if latest is None:
+            logger.info("no checkpoint in %s: starting from round 1", self.ckpt_dir)
+            return
+        tensors, meta = ckpt.load_checkpoint(latest)
+        self.dpo.load_state_dict(tensors["dpo"])
+        self.sample_gen.set_state(tensors["sample_generator"])
+        self.ledger = PrivacyLedger.from_state_dict(meta["ledger"])
+        self.prompt_rng.bit_generator.state = meta["rng"]["prompt"]
+        self.train_rng.bit_generator.state = meta["rng"]["train"]
+        self.control_rng.bit_generator.state = meta["rng"]["control"]
+        if self.noise_reproducible and "noise" in meta["rng"]:
+            self.noise_rng.bit_generator.state = meta["rng"]["noise"]
+        self.records = meta["records"]
+        self.start_round = int(meta["round"]) + 1
+        logger.info(
+            "resumed from %s: %d round(s) done, ledger epsilon=%.4f over %d charged round(s)",
+            latest.name,
+            self.start_round,
+            self.ledger.epsilon(),
+            self.ledger.rounds_charged,
+        )
+
+    def _validation_centroid(self) -> np.ndarray:
+        """NON-PRIVATE diagnostic: the mean embedding of held-out private validation texts (benchmark use only)."""
+        logger.warning("--diagnostics reads held-out private validation text without DP: a non-private diagnostic")
+        c = self.config
+        data = load_user_data(c.data.data, min_text_chars=c.data.min_text_chars, max_users=c.data.max_users, seed=c.seed)
+        _, val = split_users(data, validation_fraction=c.data.validation_fraction, seed=c.seed)
+        texts = val.texts[:2000]
+        if not texts:
+            raise ConfigError("invalid config key 'validation-fraction': --diagnostics needs validation users")
+        return embed_texts(self.embedder, texts).mean(axis=0).astype(np.float64)
+
+    def _similarity(self, embeddings: np.ndarray) -> tuple[float, float]:
+        """Mean cosine of samples to validation texts, and its standard error over samples."""
+        assert self.val_centroid is not None
+        sims = embeddings.astype(np.float64) @ self.val_centroid
+        return float(sims.mean()), float(sims.std(ddof=1) / np.sqrt(len(sims))) if len(sims) > 1 else 0.0
+
+    # -- the rounds --------------------------------------------------------------------------------------------
+
+    def _generate(self, num_prompts: int, samples_per_prompt: int, desc: str) -> tuple[list[str], list[str]]:
+        g = self.config.generation
+        prompts = build_prompts(self.initial_set, num_prompts=num_prompts, rng=self.prompt_rng)
+        sampler = self.dpo.generation_model(torch.bfloat16)  # merged adapter; bf16 measured 2-3x faster here
+        samples = sample_completions(
+            sampler,
+            self.tokenizer,
+            prompts,
+            samples_per_prompt=samples_per_prompt,
+            max_new_tokens=g.max_new_tokens,
+            token_budget=g.token_budget,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            batch_size=g.generation_batch_size,
+            generator=self.sample_gen,
+            progress=self.progress,
+            desc=desc,
+        )
+        del sampler
+        return prompts, samples
+
+    def run_round(self, t: int, collect: Collect) -> dict[str, Any]:
+        c, g = self.config, self.config.generation
+        q = c.privacy.sample_rate
+        timings: dict[str, float] = {}
+        record: dict[str, Any] = {"round": t + 1}
+        if not c.control:
+            would_be = self.ledger.epsilon_after(noise_multiplier=self.sigma, sample_rate=q)
+            if c.privacy.epsilon is not None and would_be > c.privacy.epsilon:
+                raise RuntimeError(f"round {t + 1} would spend epsilon={would_be:.4f} > {c.privacy.epsilon}; stopping")
+
+        start = time.perf_counter()
+        prompts, samples = self._generate(g.prompts, g.samples_per_prompt, f"round {t + 1} generate")
+        timings["generate"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        embeddings = embed_texts(self.embedder, samples)
+        timings["embed"] = time.perf_counter() - start
+
+        dp_scores: np.ndarray | None = None
+        pairs: list[PreferencePair]
+        if c.control:
+            pairs = random_pairs(prompts=prompts, samples=samples, samples_per_prompt=g.samples_per_prompt,
+                                 rng=self.control_rng)
+            record.update({"users_sampled": 0, "replies": 0, "rejected_replies": 0, "control": True})
+        else:
+            start = time.perf_counter()
+            replies = collect(embeddings, t, q)
+            timings["collect"] = time.perf_counter() - start
+            start = time.perf_counter()
+            summed, users, rejected = aggregate_replies(replies, expected_len=len(samples))
+            accepted = len(replies) - len(rejected)
+            record.update({"users_sampled": users, "replies": accepted, "rejected_replies": len(rejected)})
+            if summed is None or accepted < c.privacy.min_replies:
+                # Nothing is released, so nothing is charged: the noisy sum is never computed.
+                logger.warning("round %d discarded: %d valid replies < min-replies %d", t + 1, accepted,
+                               c.privacy.min_replies)
+                record.update({"discarded": True, "seconds": timings})
+                return record
+            epsilon = self.ledger.charge(noise_multiplier=self.sigma, sample_rate=q)  # charged before any use
+            dp_scores = gaussian_mechanism(summed_scores=summed, noise_multiplier=self.sigma, rng=self.noise_rng)
+            del summed
+            timings["aggregate"] = time.perf_counter() - start
+            pairs = build_pairs(prompts=prompts, samples=samples, dp_scores=dp_scores,
+                                samples_per_prompt=g.samples_per_prompt, rejected_rank=c.train.rejected_rank)
+            record["privacy/epsilon"] = epsilon
+
+        start = time.perf_counter()
+        metrics = self.dpo.train_round(pairs, rng=self.train_rng, progress=self.progress)
+        timings["dpo"] = time.perf_counter() - start
+        record.update({"pairs": len(pairs), **{f"dpo/{k}": v for k, v in metrics.items()}})
+        if self.val_centroid is not None:
+            mean, se = self._similarity(embeddings)
+            record.update({"diagnostics/val_similarity": mean, "diagnostics/val_similarity_se": se})
+
+        start = time.perf_counter()
+        self._checkpoint(t, record, timings, prompts, samples, dp_scores, pairs)
+        timings["checkpoint"] = time.perf_counter() - start
+        record["seconds"] = {k: round(v, 3) for k, v in timings.items()}
+        return record
+
+    def _checkpoint(
+        self,
+        t: int,
+        record: dict[str, Any],
+        timings: dict[str, float],
+        prompts: list[str],
+        samples: list[str],
+        dp_scores: np.ndarray | None,
+        pairs: list[PreferencePair],
+    ) -> None:
+        record["seconds"] = {k: round(v, 3) for k, v in timings.items()}
+        self.records.append(record)
+        rng_state = {
+            "prompt": self.prompt_rng.bit_generator.state,
+            "train": self.train_rng.bit_generator.state,
+            "control": self.control_rng.bit_generator.state,
+        }
+        if self.noise_reproducible:
+            rng_state["noise"] = self.noise_rng.bit_generator.state
+        k = self.config.generation.samples_per_prompt
+        sample_rows = [
+            {"prompt": i // k, "text": s, **({"dp_score": float(dp_scores[i])} if dp_scores is not None else {})}
+            for i, s in enumerate(samples)
+        ]
+        files = {
+            "prompts.json": json.dumps(prompts, ensure_ascii=False),
+            "samples.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sample_rows),
+            "pairs.jsonl": "".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in pairs),
+        }
+        meta = {"round": t, "ledger": self.ledger.state_dict(), "rng": rng_state, "records": self.records}
+        tensors = {"dpo": self.dpo.state_dict(), "sample_generator": self.sample_gen.get_state()}
+        ckpt.save_checkpoint(self.ckpt_dir, t, tensors=tensors, meta=meta, files=files)
+        ckpt.prune_checkpoints(self.ckpt_dir)
+        self._write_progress_artifacts()
+
+    def _write_progress_artifacts(self) -> None:
+        ckpt.write_jsonl(self.out / "rounds.jsonl", self.records)
+        ckpt.atomic_write_json(self.out / "privacy.json", self.privacy_summary())
+
+    def privacy_summary(self) -> dict[str, Any]:
+        p = self.config.privacy
+        return {
+            "epsilon": self.ledger.epsilon(),
+            "delta": p.delta,
+            "noise_multiplier": self.sigma,
+            "sample_rate": p.sample_rate,
+            "rounds_completed": self.ledger.rounds_charged,
+            "accountant": p.accountant,
+            "target_epsilon": p.epsilon,
+            "rounds_planned": self.config.rounds,
+            "noise_seeded": self.noise_reproducible,
+            "privacy_mode": p.privacy_mode,
+            "control": self.config.control,
+        }
+
+    def run(self, collect: Collect) -> dict[str, Any]:
+        """All remaining rounds, then the final corpus. Returns privacy.json's content."""
+        c = self.config
+        logger.info(
+            "POPri: %d rounds, K=%d prompts x J=%d samples, sigma=%.4f, target epsilon=%s, delta=%g, q=%g%s",
+            c.rounds, c.generation.prompts, c.generation.samples_per_prompt, self.sigma, c.privacy.epsilon,
+            c.privacy.delta, c.privacy.sample_rate, " (CONTROL: random pairs, no private data)" if c.control else "",
+        )
+        bar = tqdm(range(self.start_round, c.rounds), desc="rounds", disable=not self.progress, unit="round")
+        for t in bar:
+            record = self.run_round(t, collect)
+            if record.get("discarded"):
+                self.records.append(record)
+                self._write_progress_artifacts()
+                continue
+            extra = ""
+            if "diagnostics/val_similarity" in record:
+                extra = f" val_similarity={record['diagnostics/val_similarity']:.4f} (non-private)"
+            logger.info(
+                "round %d/%d: epsilon=%.4f users=%d pairs=%d dpo_loss=%.4f margin=%.4f %.1fs%s",
+                t + 1, c.rounds, self.ledger.epsilon(), record["users_sampled"], record["pairs"],
+                record.get("dpo/loss", float("nan")), record.get("dpo/rewards_margin", float("nan")),
+                sum(record["seconds"].values()), extra,
+            )
+        self.finish()
+        return self.privacy_summary()
+
+    def finish(self) -> None:
+        """The final synthetic corpus (post-processing: no privacy cost), diagnostics and the plot."""
+        c = self.config
+        start = time.perf_counter()
+        texts: list[str] = []
+        if c.final_samples:
+            _, texts = self._generate(c.final_samples, 1, "final corpus")
+            ckpt.write_jsonl(self.out / "synthetic.jsonl", [{"text": t} for t in texts])
+        if self.val_centroid is not None and texts:
+            mean, se = self._similarity(embed_texts(self.embedder, texts))
+            rounds = [r for r in self.records if "diagnostics/val_similarity" in r]
+            ckpt.atomic_write_json(self.out / "diagnostics.json", {
+                "note": "NON-PRIVATE diagnostic: similarity to held-out private validation text",
+                "first_round": rounds[0]["diagnostics/val_similarity"] if rounds else None,
+                "first_round_se": rounds[0]["diagnostics/val_similarity_se"] if rounds else None,
+                "final": mean,
+                "final_se": se,
+                "control": c.control,
+            })
+        self._write_progress_artifacts()
+        plot_rounds(self.records, self.out / "rounds.png")
+        logger.info("final corpus: %d samples in %.1fs -> %s", len(texts), time.perf_counter() - start, self.out)
+
+
+def plot_rounds(records: list[dict[str, Any]], path: Path) -> None:
+    """Per-round curves: DPO loss and margin, ε spent and, when present, the non-private diagnostic."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in records if not r.get("discarded")]
+    panels = [("dpo/loss", "DPO loss"), ("dpo/rewards_margin", "reward margin"), ("privacy/epsilon", "ε spent")]
+    if any("diagnostics/val_similarity" in r for r in done):
+        panels.append(("diagnostics/val_similarity", "similarity to validation\n(NON-PRIVATE diagnostic)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (key, title) in zip(np.atleast_1d(axes), panels, strict=True):
+        xs = [r["round"] for r in done if key in r]
+        ys = [r[key] for r in done if key in r]
+        ax.plot(xs, ys, marker="o")
+        if key == "diagnostics/val_similarity":
+            se = [r["diagnostics/val_similarity_se"] for r in done if key in r]
+            ax.fill_between(xs, np.subtract(ys, se), np.add(ys, se), alpha=0.3)
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

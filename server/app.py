@@ -1,0 +1,112 @@
+"""Flower ServerApp: hosts the LLM and runs POPri rounds; it only translates messages to ``popri`` calls."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from popri.config import config_from_flat
+from popri.rounds import NodeReply, PopriRun
+
+logger = logging.getLogger(__name__)
+
+MESSAGE_TYPE = "query.score"
+_NODE_WAIT_S = 120.0
+
+
+def run_options(run_config: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
+    """Split Flower's run config into popri's config keys and the run-control flags (resume, progress)."""
+    flat = dict(run_config)
+    resume = str(flat.pop("resume", False)).lower() in ("true", "1")
+    progress = str(flat.pop("progress", False)).lower() in ("true", "1")
+    return flat, resume, progress
+
+
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float = _NODE_WAIT_S) -> list[int]:
+    """Nodes may register after the ServerApp starts: wait for ``wanted`` of them, or go on with those there."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if len(nodes) < wanted:
+        logger.warning("only %d of %d nodes connected after %.0fs; continuing with them", len(nodes), wanted, timeout)
+    return sorted(nodes)
+
+
+def _to_reply(node_id: int, message: Message) -> NodeReply:
+    if message.has_error():
+        return NodeReply(node_id, None, 0, f"error {message.error.code}: {message.error.reason}")
+    try:
+        node_sum = message.content["scores"]["scores"].numpy()
+        num_users = int(message.content["meta"]["num-users"])
+    except (KeyError, TypeError, ValueError) as err:
+        return NodeReply(node_id, None, 0, f"malformed reply: {err!r}")
+    return NodeReply(node_id, node_sum, num_users)
+
+
+def query_nodes(
+    grid: Grid, nodes: list[int], embeddings: np.ndarray, round_index: int, sample_rate: float, timeout: float
+) -> list[NodeReply]:
+    """Send the sample embeddings to every node; collect the replies that arrive before the deadline."""
+    content = RecordDict(
+        {
+            "embeddings": ArrayRecord({"embeddings": Array(embeddings.astype(np.float32))}),
+            "config": ConfigRecord({"round": round_index, "sample-rate": float(sample_rate)}),
+        }
+    )
+    messages = [
+        Message(content, dst_node_id=node, message_type=MESSAGE_TYPE, group_id=str(round_index)) for node in nodes
+    ]
+    pending = {mid: node for mid, node in zip(grid.push_messages(messages), nodes, strict=True)}
+    replies: list[NodeReply] = []
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for message in grid.pull_messages(list(pending)):
+            node = pending.pop(message.metadata.reply_to_message_id, None)
+            if node is not None:  # NODE_UNAVAILABLE errors come from the SuperLink: map them by message id
+                replies.append(_to_reply(node, message))
+        if pending:
+            time.sleep(0.1)
+    replies += [NodeReply(node, None, 0, f"no reply within {timeout:.0f}s") for node in pending.values()]
+    return replies
+
+
+def make_server_app(
+    overrides: dict[str, Any] | None = None, errors: list[BaseException] | None = None
+) -> ServerApp:
+    """A ServerApp whose config is Flower's run config updated with ``overrides`` (used by ``popri run``).
+
+    A failure is appended to ``errors`` (when given) before it propagates, because Flower's simulation only logs it.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            _main(grid, context, overrides)
+        except BaseException as err:
+            if errors is not None:
+                errors.append(err)
+            raise
+
+    return app
+
+
+def _main(grid: Grid, context: Context, overrides: dict[str, Any] | None) -> None:
+    flat, resume, progress = run_options({**context.run_config, **(overrides or {})})
+    config = config_from_flat(flat)
+    run = PopriRun(config, resume=resume, progress=progress)
+    nodes = wait_for_nodes(grid, config.num_nodes)
+
+    def collect(embeddings: np.ndarray, round_index: int, sample_rate: float) -> list[NodeReply]:
+        live = sorted(grid.get_node_ids()) or nodes
+        return query_nodes(grid, live, embeddings, round_index, sample_rate, config.reply_timeout)
+
+    run.run(collect)
+
+
+app = make_server_app()

@@ -362,6 +362,9 @@ def run_dpfedavg(
         client_app,
         {100 + pid: {"partition-id": pid, "num-partitions": config.num_nodes} for pid in range(config.num_nodes)},
     )
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    flwr_logger.setLevel(logging.ERROR)  # Flower logs every round at INFO; our own logger reports the rounds
     strategy = UserLevelDPFedAvg(
         num_users=num_users,
         noise_multiplier=sigma,
@@ -393,9 +396,6 @@ def run_dpfedavg(
         bar.set_postfix(val_acc=f"{result.accuracy:.4f}")
         return MetricRecord({"val-accuracy": result.accuracy, "val-cross-entropy": result.cross_entropy})
 
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    flwr_logger.setLevel(logging.WARNING)  # Flower logs every round at INFO; our own logger reports the rounds
     try:
         strategy.start(
             grid=grid,

@@ -56,7 +56,9 @@ def gap_closure(accuracy: float, *, eps0: float | None, epsinf: float | None) ->
 def with_gap_closure(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of one data set with ``gap_closure`` filled in from its eps0 and epsinf rows."""
     ref = {r["method"]: r["accuracy"] for r in rows if r["method"] in ("eps0", "epsinf")}
-    return [{**r, "gap_closure": gap_closure(r["accuracy"], eps0=ref.get("eps0"), epsinf=ref.get("epsinf"))} for r in rows]
+    return [
+        {**r, "gap_closure": gap_closure(r["accuracy"], eps0=ref.get("eps0"), epsinf=ref.get("epsinf"))} for r in rows
+    ]
 
 
 def environment() -> dict[str, Any]:
@@ -219,8 +221,11 @@ def plot_privacy_utility(path: Path, results: dict[str, Any]) -> None:
         if len(eps) > 1 and eps[0] > 0 and eps[-1] / eps[0] >= 5:
             ax.set_xscale("log")
         if eps:
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xticks(eps)
             ax.set_xticklabels([f"{e:g}" for e in eps])
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("ε (δ = {:g})".format(results.get("delta", 0)))
         ax.set_ylabel("next-token accuracy on test (%)")
         ax.set_title(name)

@@ -1,0 +1,519 @@
+"""LargeFedBench driver: every selected method at every ε on every selected data set, one table at the end.
+
+Per data set:
+
+1. load, truncate and split by users (:mod:`benchmark.datasets`);
+2. eps0: the untuned generator writes a public corpus from the public initial set; a fresh downstream model trains on
+   it. That model is the ε = 0 reference *and* the starting point of every other method (the paper's C4-pretrained
+   DistilGPT2 plays this role);
+3. every other method trains a copy of the eps0 model with the same recipe (:func:`benchmark.downstream.train`):
+   ``epsinf`` on the private train texts themselves, ``pe`` and ``popri`` on their synthetic corpora, ``dpfedavg``
+   federated on Flower;
+4. each model is scored once on test, at the checkpoint its validation accuracy selected.
+
+Rows are written to ``results.json``/``results.md``/``privacy_utility.png`` as they finish; with ``resume`` a row
+already in ``results.json`` (same data set, method and ε) is not run again.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from benchmark import report
+from benchmark.config import BenchConfig, DataSpec
+from benchmark.corpus import Generator, generate_from_examples, initial_set, read_corpus, write_corpus
+from benchmark.datasets import Splits, default_instruction, load_splits, write_user_jsonl
+from benchmark.downstream import (
+    EvalResult,
+    SpecialIds,
+    build_model,
+    encode_texts,
+    evaluate,
+    num_parameters,
+    train,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Assets:
+    """Models shared by all methods, loaded once and only when a method needs them."""
+
+    config: BenchConfig
+    _tokenizer: Any = None
+    _generator: Any = None
+    _embedder: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The downstream tokenizer: the generator's (SmolLM2 by default), so token budgets agree everywhere."""
+        if self._tokenizer is None:
+            from popri.assets import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.config.corpus.generator, cache_dir=self.config.resolved_cache_dir())
+        return self._tokenizer
+
+    @property
+    def generator(self) -> tuple[Any, Any]:
+        if self._generator is None:
+            from popri.assets import load_generator
+
+            self._generator = load_generator(self.config.corpus.generator, cache_dir=self.config.resolved_cache_dir())
+        return self._generator
+
+    @property
+    def embedder(self) -> Any:
+        if self._embedder is None:
+            from popri.embedding import load_embedder
+
+            self._embedder = load_embedder()
+        return self._embedder
+
+
+@dataclass
+class Prepared:
+    """One data set, encoded for the downstream model, and the eps0 model every method starts from."""
+
+    spec: DataSpec
+    splits: Splits
+    special: SpecialIds
+    user_sequences: list[list[list[int]]]
+    validation: list[list[int]]
+    test: list[list[int]]
+    folder: Path
+    instruction: str
+    eps0_model: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_sequences(self) -> list[list[int]]:
+        return [s for user in self.user_sequences for s in user]
+
+
+class Benchmark:
+    """Runs a :class:`BenchConfig`; ``assets`` can be injected (tests build tiny ones)."""
+
+    def __init__(self, config: BenchConfig, *, assets: Assets | None = None) -> None:
+        self.config = config
+        self.assets = assets or Assets(config)
+        self.out = config.output_dir
+        self.out.mkdir(parents=True, exist_ok=True)
+        results_path = self.out / "results.json"
+        if config.resume and results_path.exists():
+            self.results = report.read_results_json(results_path)
+        else:
+            self.results = {"benchmark": "LargeFedBench", "datasets": {}}
+        self.results.update(
+            {
+                "preset": config.preset,
+                "delta": config.delta,
+                "accountant": config.accountant,
+                "config": config.to_dict(),
+                "environment": report.environment(),
+            }
+        )
+        from popri.privacy import make_noise_rng
+
+        self.noise_rng, self.noise_seeded = make_noise_rng(config.noise_seed)
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+
+    def _gen(self, prep: Prepared) -> Generator:
+        model, tokenizer = self.assets.generator
+        return Generator(
+            model=model,
+            tokenizer=tokenizer,
+            config=self.config.corpus,
+            token_budget=prep.spec.token_budget,
+            instruction=prep.instruction,
+            cache_dir=self.config.resolved_cache_dir(),
+        )
+
+    def _rows(self, name: str) -> list[dict[str, Any]]:
+        return self.results["datasets"].setdefault(name, {}).setdefault("results", [])
+
+    def _done(self, name: str, method: str, epsilon: float) -> dict[str, Any] | None:
+        for row in self._rows(name):
+            if row["method"] == method and report._as_float(row["epsilon"]) == epsilon:
+                return row
+        return None
+
+    def _record(self, name: str, row: dict[str, Any]) -> None:
+        rows = self._rows(name)
+        rows[:] = [r for r in rows if not (r["method"] == row["method"] and r["epsilon"] == row["epsilon"])]
+        rows.append(row)
+        report.write_all(self.out, self.results)
+        logger.info(
+            "%s %s eps=%s: test accuracy %.4f, cross-entropy %.4f (%.0fs)",
+            name,
+            row["method"],
+            row["epsilon"],
+            row["accuracy"],
+            row["cross_entropy"],
+            row["wall_seconds"],
+        )
+
+    def _model_factory(self, prep: Prepared) -> Any:
+        d = self.config.downstream
+        return build_model(d, prep.special, max_positions=prep.spec.token_budget + 2, seed=self.config.seed)
+
+    def _finetune(self, prep: Prepared, texts: list[str], desc: str) -> tuple[Any, Any]:
+        """A copy of the eps0 model trained on ``texts`` with the shared recipe; returns (model, TrainResult)."""
+        model = copy.deepcopy(prep.eps0_model)
+        sequences = encode_texts(
+            texts, self.assets.tokenizer, token_budget=prep.spec.token_budget, special=prep.special
+        )
+        result = train(
+            model,
+            sequences,
+            prep.validation,
+            config=self.config.downstream,
+            epochs=self.config.downstream.epochs,
+            pad=prep.special.pad,
+            generator=torch.Generator().manual_seed(self.config.seed),
+            progress=self.config.progress,
+            desc=desc,
+        )
+        return model, result
+
+    def _row(
+        self,
+        prep: Prepared,
+        *,
+        method: str,
+        epsilon: float,
+        model: Any,
+        validation: EvalResult,
+        selected: str,
+        start: float,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        test = evaluate(model, prep.test, pad=prep.special.pad, batch_size=self.config.downstream.eval_batch_size)
+        return {
+            "method": method,
+            "epsilon": epsilon,
+            "accuracy": test.accuracy,
+            "cross_entropy": test.cross_entropy,
+            "test_tokens": test.tokens,
+            "validation_accuracy": validation.accuracy,
+            "validation_cross_entropy": validation.cross_entropy,
+            "selected": selected,
+            "delta": None if method in ("eps0", "epsinf") else self.config.delta,
+            "wall_seconds": time.time() - start,
+            **extra,
+        }
+
+    # -- data ----------------------------------------------------------------------------------------------------
+
+    def prepare(self, spec: DataSpec) -> Prepared:
+        tok = self.assets.tokenizer
+        splits = load_splits(spec, tok, seed=self.config.seed)
+        special = SpecialIds.from_tokenizer(tok)
+        enc = {"token_budget": spec.token_budget, "special": special}
+        user_sequences = [encode_texts(splits.train.texts_of(u), tok, **enc) for u in range(splits.train.num_users)]
+        prep = Prepared(
+            spec=spec,
+            splits=splits,
+            special=special,
+            user_sequences=user_sequences,
+            validation=encode_texts(splits.validation.texts, tok, **enc),
+            test=encode_texts(splits.test.texts, tok, **enc),
+            folder=self.out / splits.name,
+            instruction=self.config.corpus.instruction or default_instruction(spec.dataset),
+        )
+        ds = self.results["datasets"].setdefault(splits.name, {})
+        ds["splits"] = splits.summary()
+        return prep
+
+    # -- methods -------------------------------------------------------------------------------------------------
+
+    def run_eps0(self, prep: Prepared) -> None:
+        """Public corpus from the untuned generator -> fresh model -> the ε=0 reference and everyone's start."""
+        name, start = prep.splits.name, time.time()
+        model_path = prep.folder / "eps0_model.pt"
+        corpus_path = prep.folder / "public.jsonl"
+        model = self._model_factory(prep)
+        self.results["datasets"][name]["downstream_parameters"] = num_parameters(model)
+        row = self._done(name, "eps0", 0.0)
+        if self.config.resume and row is not None and model_path.exists():
+            model.load_state_dict(torch.load(model_path, weights_only=True))
+            prep.eps0_model = model
+            return
+        if self.config.resume and corpus_path.exists():
+            corpus = read_corpus(corpus_path)
+        else:
+            gen = self._gen(prep)
+            seeds = initial_set(gen, seed=self.config.seed, progress=self.config.progress)
+            corpus = generate_from_examples(
+                gen,
+                seeds,
+                count=self.config.corpus.samples,
+                rng=np.random.default_rng([self.config.seed, 10]),
+                generator=torch.Generator().manual_seed(self.config.seed + 10),
+                progress=self.config.progress,
+                desc="public corpus",
+            )
+            write_corpus(corpus, corpus_path)
+        sequences = encode_texts(
+            corpus, self.assets.tokenizer, token_budget=prep.spec.token_budget, special=prep.special
+        )
+        result = train(
+            model,
+            sequences,
+            prep.validation,
+            config=self.config.downstream,
+            epochs=self.config.downstream.pretrain_epochs,
+            pad=prep.special.pad,
+            generator=torch.Generator().manual_seed(self.config.seed),
+            progress=self.config.progress,
+            desc="eps0",
+        )
+        torch.save(model.state_dict(), model_path)
+        prep.eps0_model = model
+        self._record(
+            name,
+            self._row(
+                prep,
+                method="eps0",
+                epsilon=0.0,
+                model=model,
+                validation=result.selected_validation,
+                selected=f"step {result.selected_step}/{result.steps}",
+                start=start,
+                epsilon_spent=0.0,
+                corpus_size=len(corpus),
+                bytes_down_per_client_round=None,
+                bytes_up_per_client_round=None,
+            ),
+        )
+
+    def run_epsinf(self, prep: Prepared) -> None:
+        start = time.time()
+        model, result = self._finetune(prep, prep.splits.train.texts, "epsinf")
+        self._record(
+            prep.splits.name,
+            self._row(
+                prep,
+                method="epsinf",
+                epsilon=math.inf,
+                model=model,
+                validation=result.selected_validation,
+                selected=f"step {result.selected_step}/{result.steps}",
+                start=start,
+                epsilon_spent=math.inf,
+                corpus_size=len(prep.splits.train.texts),
+                bytes_down_per_client_round=None,
+                bytes_up_per_client_round=None,
+            ),
+        )
+
+    def run_dpfedavg(self, prep: Prepared, epsilon: float) -> None:
+        from benchmark.dpfedavg import run_dpfedavg
+
+        start = time.time()
+        result = run_dpfedavg(
+            initial_model=prep.eps0_model,
+            model_factory=lambda: self._model_factory(prep),
+            user_sequences=prep.user_sequences,
+            evaluate_validation=lambda m: evaluate(
+                m, prep.validation, pad=prep.special.pad, batch_size=self.config.downstream.eval_batch_size
+            ),
+            config=self.config.dpfedavg,
+            epsilon=epsilon,
+            delta=self.config.delta,
+            accountant=self.config.accountant,
+            pad=prep.special.pad,
+            seed=self.config.seed,
+            noise_rng=self.noise_rng,
+            progress=self.config.progress,
+        )
+        self._record(
+            prep.splits.name,
+            self._row(
+                prep,
+                method="dpfedavg",
+                epsilon=epsilon,
+                model=result.model,
+                validation=result.selected_validation,
+                selected=f"round {result.selected_round}/{self.config.dpfedavg.rounds}",
+                start=start,
+                epsilon_spent=result.epsilon,
+                noise_multiplier=result.noise_multiplier,
+                rounds=self.config.dpfedavg.rounds,
+                sample_rate=self.config.dpfedavg.sample_rate,
+                bytes_down_per_client_round=result.bytes_down_per_client_round,
+                bytes_up_per_client_round=result.bytes_up_per_client_round,
+                noise_seeded=self.noise_seeded,
+            ),
+        )
+
+    def _private_embeddings(self, prep: Prepared) -> np.ndarray:
+        from benchmark.pe import cached_text_embeddings
+
+        if "private_embeddings" not in prep.extras:
+            cache = prep.folder / "private" / f"train-embeddings-{prep.splits.train.fingerprint()}.npy"
+            prep.extras["private_embeddings"] = cached_text_embeddings(
+                self.assets.embedder, prep.splits.train.texts, cache=cache, progress=self.config.progress
+            )
+        return np.asarray(prep.extras["private_embeddings"])
+
+    def run_pe(self, prep: Prepared, epsilon: float) -> None:
+        from benchmark.pe import run_pe
+
+        start = time.time()
+        gen = self._gen(prep)
+        result = run_pe(
+            gen,
+            self.assets.embedder,
+            initial=initial_set(gen, seed=self.config.seed, progress=self.config.progress),
+            private_embeddings=self._private_embeddings(prep),
+            owner=prep.splits.train.owner,
+            config=self.config.pe,
+            corpus_size=self.config.corpus.samples,
+            epsilon=epsilon,
+            delta=self.config.delta,
+            accountant=self.config.accountant,
+            seed=self.config.seed,
+            noise_rng=self.noise_rng,
+            progress=self.config.progress,
+        )
+        write_corpus(result.corpus, prep.folder / f"pe-eps{epsilon:g}.jsonl")
+        model, trained = self._finetune(prep, result.corpus, f"pe eps={epsilon:g}")
+        self._record(
+            prep.splits.name,
+            self._row(
+                prep,
+                method="pe",
+                epsilon=epsilon,
+                model=model,
+                validation=trained.selected_validation,
+                selected=f"step {trained.selected_step}/{trained.steps}",
+                start=start,
+                epsilon_spent=result.epsilon,
+                noise_multiplier=result.noise_multiplier,
+                rounds=result.rounds,
+                sample_rate=1.0,
+                corpus_size=len(result.corpus),
+                bytes_down_per_client_round=result.bytes_down_per_client_round,
+                bytes_up_per_client_round=result.bytes_up_per_client_round,
+                noise_seeded=self.noise_seeded,
+            ),
+        )
+
+    def run_popri(self, prep: Prepared, epsilon: float) -> None:
+        from benchmark.popri_method import run_popri_method
+
+        start = time.time()
+        train_file = write_user_jsonl(prep.splits.train, prep.folder / "private" / "train-users.jsonl")
+        output = prep.folder / f"popri-eps{epsilon:g}"
+        if self.config.resume and (output / "synthetic.jsonl").exists() and (output / "privacy.json").exists():
+            result = _reuse_popri(output, self.config, self.assets)
+        else:
+            if output.exists():
+                import shutil
+
+                shutil.rmtree(output)  # a partial run of an earlier invocation (popri refuses to overwrite a run)
+            result = run_popri_method(
+                self.config,
+                prep.spec,
+                epsilon=epsilon,
+                train_file=train_file,
+                output=output,
+                instruction=prep.instruction,
+                embedding_dim=int(self.assets.embedder.get_sentence_embedding_dimension()),
+            )
+        model, trained = self._finetune(prep, result.corpus, f"popri eps={epsilon:g}")
+        self._record(
+            prep.splits.name,
+            self._row(
+                prep,
+                method="popri",
+                epsilon=epsilon,
+                model=model,
+                validation=trained.selected_validation,
+                selected=f"step {trained.selected_step}/{trained.steps}",
+                start=start,
+                epsilon_spent=result.epsilon,
+                noise_multiplier=result.noise_multiplier,
+                rounds=result.rounds,
+                sample_rate=1.0,
+                corpus_size=len(result.corpus),
+                bytes_down_per_client_round=result.bytes_down_per_client_round,
+                bytes_up_per_client_round=result.bytes_up_per_client_round,
+                run_folder=str(output),
+            ),
+        )
+
+    # -- all -----------------------------------------------------------------------------------------------------
+
+    def jobs(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        for method in self.config.methods:
+            if method == "eps0":
+                continue  # always run first: every other method starts from it
+            if method == "epsinf":
+                out.append((method, math.inf))
+            else:
+                out += [(method, float(e)) for e in self.config.epsilons]
+        return out
+
+    def run(self) -> dict[str, Any]:
+        for spec in self.config.datasets:
+            prep = self.prepare(spec)
+            jobs = self.jobs()
+            bar = tqdm(total=len(jobs) + 1, desc=prep.splits.name, disable=not self.config.progress, unit="run")
+            bar.set_postfix_str("eps0")
+            self.run_eps0(prep)
+            bar.update(1)
+            for method, epsilon in jobs:
+                bar.set_postfix_str(f"{method} eps={epsilon:g}")
+                if self.config.resume and self._done(prep.splits.name, method, epsilon):
+                    logger.info("resume: %s eps=%g already in results.json", method, epsilon)
+                elif method == "epsinf":
+                    self.run_epsinf(prep)
+                else:
+                    getattr(self, f"run_{method}")(prep, epsilon)
+                bar.update(1)
+            bar.close()
+        report.write_all(self.out, self.results)
+        return self.results
+
+
+def _reuse_popri(output: Path, config: BenchConfig, assets: Assets) -> Any:
+    """A finished popri run found by ``resume``: its corpus and ledger, without running it again."""
+    import json
+
+    from benchmark.popri_method import PopriResult, client_bytes_per_round
+
+    privacy = json.loads((output / "privacy.json").read_text())
+    down, up = client_bytes_per_round(
+        prompts=config.popri.prompts,
+        samples_per_prompt=config.popri.samples_per_prompt,
+        embedding_dim=int(assets.embedder.get_sentence_embedding_dimension()),
+    )
+    return PopriResult(
+        corpus=read_corpus(output / "synthetic.jsonl"),
+        epsilon=float(privacy["epsilon"]),
+        noise_multiplier=privacy.get("noise_multiplier"),
+        rounds=int(privacy.get("rounds_completed", config.popri.rounds)),
+        bytes_down_per_client_round=down,
+        bytes_up_per_client_round=up,
+        seconds=0.0,
+        output=output,
+    )
+
+
+def run_benchmark(config: BenchConfig, *, assets: Assets | None = None) -> dict[str, Any]:
+    """Run the benchmark and write results.json, results.md and privacy_utility.png into ``config.output``."""
+    return Benchmark(config, assets=assets).run()

@@ -37,6 +37,8 @@ def build_pairs(
     """
     if len(samples) != len(prompts) * samples_per_prompt:
         raise ValueError(f"{len(samples)} samples for {len(prompts)} prompts x {samples_per_prompt}")
+    if dp_scores.shape != (len(samples),):
+        raise ValueError(f"dp_scores has shape {dp_scores.shape}, expected one score per sample ({len(samples)},)")
     if not 1 <= rejected_rank < samples_per_prompt:
         raise ValueError(f"rejected_rank must be in [1, {samples_per_prompt - 1}], got {rejected_rank}")
     order = rank_within_prompts(dp_scores, samples_per_prompt)
@@ -51,6 +53,8 @@ def random_pairs(
     *, prompts: list[str], samples: list[str], samples_per_prompt: int, rng: np.random.Generator
 ) -> list[PreferencePair]:
     """Control arm: chosen and rejected drawn at random within each prompt (no private signal at all)."""
+    if len(samples) != len(prompts) * samples_per_prompt:
+        raise ValueError(f"{len(samples)} samples for {len(prompts)} prompts x {samples_per_prompt}")
     pairs = []
     for k, prompt in enumerate(prompts):
         a, b = rng.choice(samples_per_prompt, size=2, replace=False)

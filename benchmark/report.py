@@ -93,7 +93,14 @@ def write_results_json(path: Path, results: dict[str, Any]) -> None:
 
 
 def read_results_json(path: Path) -> dict[str, Any]:
-    return dict(json.loads(path.read_text(encoding="utf-8")))
+    """results.json as written, with "inf" turned back into a float in the ε fields (so rows compare equal)."""
+    results = dict(json.loads(path.read_text(encoding="utf-8")))
+    for ds in results.get("datasets", {}).values():
+        for row in ds.get("results", []):
+            for key in ("epsilon", "epsilon_spent"):
+                if row.get(key) in ("inf", "-inf"):
+                    row[key] = float(row[key])
+    return results
 
 
 def _pct(x: float | None, digits: int = 2) -> str:

@@ -431,7 +431,7 @@ class Benchmark:
                 train_file=train_file,
                 output=output,
                 instruction=prep.instruction,
-                embedding_dim=int(self.assets.embedder.get_sentence_embedding_dimension()),
+                embedding_dim=embedding_dimension(self.assets.embedder),
             )
         model, trained = self._finetune(prep, result.corpus, f"popri eps={epsilon:g}")
         self._record(
@@ -490,6 +490,12 @@ class Benchmark:
         return self.results
 
 
+def embedding_dimension(embedder: Any) -> int:
+    """The embedder's output size (sentence-transformers renamed the method in 6.x)."""
+    getter = getattr(embedder, "get_embedding_dimension", None) or embedder.get_sentence_embedding_dimension
+    return int(getter())
+
+
 def _reuse_popri(output: Path, config: BenchConfig, assets: Assets) -> Any:
     """A finished popri run found by ``resume``: its corpus and ledger, without running it again."""
     import json
@@ -500,7 +506,7 @@ def _reuse_popri(output: Path, config: BenchConfig, assets: Assets) -> Any:
     down, up = client_bytes_per_round(
         prompts=config.popri.prompts,
         samples_per_prompt=config.popri.samples_per_prompt,
-        embedding_dim=int(assets.embedder.get_sentence_embedding_dimension()),
+        embedding_dim=embedding_dimension(assets.embedder),
     )
     return PopriResult(
         corpus=read_corpus(output / "synthetic.jsonl"),

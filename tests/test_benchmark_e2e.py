@@ -1,0 +1,96 @@
+"""End to end: every method through the benchmark driver (tiny models), and the quick preset on the real ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmark.config import (
+    CorpusConfig,
+    DataSpec,
+    DownstreamConfig,
+    DPFedAvgConfig,
+    PEConfig,
+    PopriMethodConfig,
+    preset_config,
+)
+from benchmark.run import run_benchmark
+
+
+def _tiny_config(model_dir: Path, tmp_path: Path) -> object:
+    return preset_config(
+        "quick",
+        output=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+        noise_seed=1,
+        epsilons=(2.0,),
+        corpus=CorpusConfig(
+            generator=str(model_dir), samples=8, max_new_tokens=12, initial_set_size=6, generation_batch_size=8
+        ),
+        datasets=(
+            DataSpec(
+                max_users=24,
+                token_budget=16,
+                validation_fraction=0.2,
+                test_fraction=0.2,
+                max_validation_texts=40,
+                max_test_texts=60,
+            ),
+        ),
+        downstream=DownstreamConfig(
+            n_embd=16, n_layer=1, n_head=2, batch_size=16, pretrain_epochs=1, epochs=1, eval_every=10
+        ),
+        dpfedavg=DPFedAvgConfig(rounds=2, sample_rate=1.0, local_steps=1, num_nodes=2),
+        pe=PEConfig(rounds=1, population=6, keep=3),
+        popri=PopriMethodConfig(rounds=1, prompts=3, samples_per_prompt=3, rejected_rank=1, extra=(("batch-size", 2),)),
+    )
+
+
+def test_every_method_end_to_end_on_tiny_models(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare: a random 2-layer Llama with a byte tokenizer as the generator; 24 Shakespeare users.
+    config = _tiny_config(tiny_model_dir, tmp_path)
+
+    # Execute
+    results = run_benchmark(config)  # type: ignore[arg-type]
+
+    # Assert: one row per (method, ε), within budget, scored, and the three outputs on disk.
+    out = tmp_path / "out"
+    rows = {(r["method"], r["epsilon"]): r for r in results["datasets"]["shakespeare"]["results"]}
+    assert set(rows) == {("eps0", 0.0), ("epsinf", math.inf), ("dpfedavg", 2.0), ("pe", 2.0), ("popri", 2.0)}
+    for (method, eps), row in rows.items():
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["cross_entropy"] > 0, method
+        assert row["test_tokens"] > 0 and row["wall_seconds"] > 0
+        if method in ("dpfedavg", "pe", "popri"):
+            assert 0 < row["epsilon_spent"] <= eps, method
+            assert row["delta"] == config.delta  # type: ignore[attr-defined]
+            assert row["bytes_down_per_client_round"] > 0 and row["bytes_up_per_client_round"] > 0
+    assert rows[("popri", 2.0)]["corpus_size"] == 8 and rows[("pe", 2.0)]["corpus_size"] == 8
+    assert rows[("eps0", 0.0)]["gap_closure"] in (0.0, None)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["datasets"]["shakespeare"]["splits"]["held_out"] == "users"
+    assert (out / "results.md").read_text().count("| POPri |") == 2
+    assert (out / "privacy_utility.png").exists()
+    assert (out / "shakespeare" / "popri-eps2" / "privacy.json").exists()
+
+    # Execute again with resume: nothing runs again, the table is unchanged.
+    again = run_benchmark(dataclasses.replace(config, resume=True))  # type: ignore[type-var]
+    rerun = {(r["method"], r["epsilon"]): r["wall_seconds"] for r in again["datasets"]["shakespeare"]["results"]}
+    assert rerun == {key: row["wall_seconds"] for key, row in rows.items()}
+
+
+@pytest.mark.slow
+def test_quick_preset_on_the_real_models(tmp_path: Path) -> None:
+    """The CI check of the real pipeline: SmolLM2, MiniLM and Shakespeare, every method, two ε (~3 min on 2 cores)."""
+    config = preset_config("quick", output=str(tmp_path / "quick"), progress=False)
+    results = run_benchmark(config)
+    rows = results["datasets"]["shakespeare"]["results"]
+    assert len(rows) == 2 + 3 * 2
+    for row in rows:
+        if row["method"] in ("dpfedavg", "pe", "popri"):
+            assert row["epsilon_spent"] <= row["epsilon"]
+    assert (tmp_path / "quick" / "results.md").exists()

@@ -1,0 +1,128 @@
+"""The downstream metric on hand-computed examples, and the training recipe's model selection."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmark.config import DownstreamConfig
+from benchmark.downstream import (
+    SpecialIds,
+    build_model,
+    collate,
+    encode_texts,
+    evaluate,
+    next_token_counts,
+    target_mask,
+    train,
+)
+
+
+def test_next_token_counts_hand_computed() -> None:
+    # Prepare: 3 targets over a 4-token vocabulary.
+    logits = torch.tensor([[2.0, 1.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    targets = torch.tensor([0, 1, 3])
+
+    # Execute
+    correct, nll, total = next_token_counts(logits, targets)
+
+    # Assert: argmax = 0 (right), 2 (wrong), 0 on a tie (wrong). NLL = logsumexp(row) - logit(target).
+    assert (correct, total) == (1, 3)
+    expected = (math.log(math.e**2 + math.e + 2) - 2) + math.log(3 + math.e**3) + (math.log(4 * math.e) - 1)
+    assert nll == pytest.approx(expected, rel=1e-6)
+
+
+class _BigramModel(torch.nn.Module):
+    """A stub with GPT-2's two attributes: hidden state = one-hot of the token, lm_head = a bigram table."""
+
+    def __init__(self, table: dict[int, int], vocab: int, scale: float = 5.0) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.lm_head = torch.nn.Linear(vocab, vocab, bias=False)
+        with torch.no_grad():
+            self.lm_head.weight.zero_()
+            for current, nxt in table.items():
+                self.lm_head.weight[nxt, current] = scale
+
+    def transformer(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(last_hidden_state=F.one_hot(input_ids, self.vocab).float())
+
+
+def test_evaluate_counts_eos_and_skips_padding() -> None:
+    # Prepare: bos = eos = pad = 0 (as in GPT-2). The bigram stub predicts 0->1, 1->2, 2->3, 3->0, 4->0.
+    model = _BigramModel({0: 1, 1: 2, 2: 3, 3: 0, 4: 0}, vocab=5)
+    seq_a = [0, 1, 2, 0]  # targets 1 (right), 2 (right), eos (wrong: predicts 3)
+    seq_b = [0, 3, 0]  # targets 3 (wrong: predicts 1), eos (right); padded by one 0 that is no target
+
+    # Execute
+    result = evaluate(model, [seq_a, seq_b], pad=0, batch_size=2)
+
+    # Assert: 3 right of 5 targets; the pad (which would add a 6th target) is not counted.
+    assert result.tokens == 5
+    assert result.accuracy == pytest.approx(3 / 5)
+    right, wrong = math.log(math.exp(5) + 4) - 5, math.log(math.exp(5) + 4)
+    assert result.cross_entropy == pytest.approx((3 * right + 2 * wrong) / 5, rel=1e-5)
+
+
+def test_collate_and_target_mask() -> None:
+    ids, mask = collate([[5, 6, 7], [5, 8]], pad=0)
+    assert ids.tolist() == [[5, 6, 7], [5, 8, 0]]
+    assert target_mask(mask).tolist() == [[True, True], [True, False]]
+
+
+def test_encode_texts_wraps_and_truncates() -> None:
+    class _Tok:
+        def __call__(self, texts: list[str], add_special_tokens: bool) -> dict[str, list[list[int]]]:
+            assert add_special_tokens is False
+            return {"input_ids": [[10 + len(t)] * len(t) for t in texts]}
+
+    special = SpecialIds(bos=1, eos=2, pad=2, vocab_size=100)
+    out = encode_texts(["abc", "abcdef"], _Tok(), token_budget=4, special=special)
+    assert out == [[1, 13, 13, 13, 2], [1, 16, 16, 16, 16, 2]]
+
+
+def test_train_keeps_the_best_validation_checkpoint() -> None:
+    # Prepare: a tiny GPT-2 on a 6-token language where 1 is always followed by 2, then 3.
+    special = SpecialIds(bos=0, eos=5, pad=5, vocab_size=6)
+    config = DownstreamConfig(
+        n_embd=16, n_layer=1, n_head=2, dropout=0.0, learning_rate=1e-2, batch_size=4, eval_every=5
+    )
+    model = build_model(config, special, max_positions=8, seed=0)
+    data = [[0, 1, 2, 3, 5]] * 8
+    seen: list[float] = []
+
+    # Execute
+    result = train(
+        model,
+        data,
+        data,
+        config=config,
+        epochs=10,
+        pad=special.pad,
+        generator=torch.Generator().manual_seed(0),
+        on_eval=lambda step, r: seen.append(r.accuracy),
+    )
+
+    # Assert: 20 steps, validated every 5; the kept weights score the best validation accuracy seen.
+    assert result.steps == 20 and len(seen) == 4
+    assert result.selected_validation.accuracy == max(seen)
+    assert evaluate(model, data, pad=special.pad).accuracy == pytest.approx(max(seen))
+    assert result.selected_validation.accuracy == 1.0
+
+
+def test_build_model_is_seeded_and_leaves_global_rng_alone() -> None:
+    special = SpecialIds(bos=0, eos=1, pad=1, vocab_size=50)
+    config = DownstreamConfig(n_embd=8, n_layer=1, n_head=2)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_model(config, special, max_positions=8, seed=7)
+    after = torch.rand(1)
+    b = build_model(config, special, max_positions=8, seed=7)
+    assert torch.equal(before, after)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)

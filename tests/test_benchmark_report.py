@@ -1,0 +1,134 @@
+"""Result writing (JSON, Markdown, PNG), gap closure, the configuration checks and the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmark import cli, report
+from benchmark.config import BenchConfigError, DataSpec, DPFedAvgConfig, PEConfig, preset_config
+
+
+def _rows() -> list[dict[str, object]]:
+    base = {"cross_entropy": 4.0, "wall_seconds": 1.0, "selected": "step 1/1"}
+    return [
+        {**base, "method": "eps0", "epsilon": 0.0, "accuracy": 0.20, "epsilon_spent": 0.0},
+        {**base, "method": "epsinf", "epsilon": math.inf, "accuracy": 0.40, "epsilon_spent": math.inf},
+        {
+            **base,
+            "method": "popri",
+            "epsilon": 1.0,
+            "accuracy": 0.30,
+            "epsilon_spent": 0.99,
+            "bytes_down_per_client_round": 196608,
+            "bytes_up_per_client_round": 1024,
+            "noise_multiplier": 19.3,
+        },
+        {**base, "method": "dpfedavg", "epsilon": 1.0, "accuracy": 0.19, "epsilon_spent": 0.98},
+    ]
+
+
+def test_gap_closure_formula() -> None:
+    assert report.gap_closure(0.30, eps0=0.20, epsinf=0.40) == pytest.approx(0.5)
+    assert report.gap_closure(0.19, eps0=0.20, epsinf=0.40) == pytest.approx(-0.05)
+    assert report.gap_closure(0.30, eps0=None, epsinf=0.40) is None
+    assert report.gap_closure(0.30, eps0=0.2, epsinf=0.2) is None
+    # the paper's bioRxiv ε=1 numbers: POPri 34.8, ε0 27.9, ε∞ 41.5 -> 50.7 %
+    assert report.gap_closure(34.8, eps0=27.9, epsinf=41.5) == pytest.approx(0.507, abs=1e-3)
+
+
+def test_write_all_outputs(tmp_path: Path) -> None:
+    # Prepare
+    results = {"preset": "quick", "delta": 3e-6, "accountant": "rdp", "datasets": {"shakespeare": {"results": _rows()}}}
+
+    # Execute
+    report.write_all(tmp_path, results)
+
+    # Assert: strict JSON (inf as a string), gap closure filled in, table and plot written.
+    data = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"bad JSON {c}"))
+    rows = {r["method"]: r for r in data["datasets"]["shakespeare"]["results"]}
+    assert rows["epsinf"]["epsilon"] == "inf"
+    assert rows["popri"]["gap_closure"] == pytest.approx(0.5)
+    assert rows["eps0"]["gap_closure"] == 0.0 and rows["epsinf"]["gap_closure"] == 1.0
+    table = (tmp_path / "results.md").read_text()
+    assert "| POPri |  | 30.00 (50%) |  |" in table
+    assert "| ε=0 (public only) | 20.00 |" in table
+    assert "196.6 KB" in table
+    assert (tmp_path / "privacy_utility.png").stat().st_size > 1000
+
+
+def test_config_errors_name_the_key() -> None:
+    with pytest.raises(BenchConfigError, match=r"'dpfedavg\.sample-rate'"):
+        DPFedAvgConfig(sample_rate=0.0)
+    with pytest.raises(BenchConfigError, match=r"'pe\.keep'"):
+        PEConfig(population=8, keep=9)
+    with pytest.raises(BenchConfigError, match=r"'data\.test-fraction'"):
+        DataSpec(validation_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(BenchConfigError, match="'methods'"):
+        preset_config("quick", methods=("eps0", "fedprox"))
+    with pytest.raises(BenchConfigError, match="'epsilons'"):
+        preset_config("quick", epsilons=(0.0,))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="popri")
+    cli.add_subparser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_every_flag_has_help() -> None:
+    parser = _parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["bench"]
+    for action in sub._actions:
+        assert action.help, f"{action.option_strings or action.dest} has no help"
+
+
+def test_cli_flags_reach_the_config(tmp_path: Path) -> None:
+    args = _parser().parse_args(
+        [
+            "bench",
+            "--preset",
+            "quick",
+            "--output",
+            str(tmp_path),
+            "--methods",
+            "eps0",
+            "popri",
+            "--epsilons",
+            "2",
+            "--dataset",
+            "congress",
+            "--data-file",
+            "speeches.jsonl",
+            "--seed",
+            "5",
+            "--popri-backend",
+            "simulation",
+        ]
+    )
+    config = cli.config_from_args(args)
+    assert args.func is cli.handle and args.mode == "run"
+    assert config.methods == ("eps0", "popri") and config.epsilons == (2.0,)
+    assert config.datasets[0].dataset == "congress" and config.datasets[0].data_file == "speeches.jsonl"
+    assert config.datasets[0].max_users == 60  # the preset's other data settings are kept
+    assert config.seed == 5 and config.popri.backend == "simulation" and config.output == str(tmp_path)
+
+
+def test_cli_data_files_for_several_sets() -> None:
+    args = _parser().parse_args(["bench", "--dataset", "congress", "biorxiv", "--data-file", "biorxiv=b.json"])
+    specs = {d.dataset: d.data_file for d in cli.config_from_args(args).datasets}
+    assert specs == {"congress": "", "biorxiv": "b.json"}
+    bad = _parser().parse_args(["bench", "--dataset", "congress", "biorxiv", "--data-file", "x.json"])
+    with pytest.raises(BenchConfigError, match="NAME=PATH"):
+        cli.config_from_args(bad)
+
+
+def test_perf_mode_is_reserved() -> None:
+    args = _parser().parse_args(["bench", "perf"])
+    assert args.mode == "perf"
+    if cli._perf_module() is None:
+        assert args.func(args) == 2

@@ -1,0 +1,187 @@
+"""The real ServerApp and ClientApp, two rounds, on tiny models through an in-process grid (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import InProcessGrid, run_server, tiny_run_config
+
+from client.app import make_client_app
+from popri.privacy import compute_epsilon
+
+NODES = {101: {"partition-id": 0, "num-partitions": 2}, 102: {"partition-id": 1, "num-partitions": 2}}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_rounds_write_every_artifact_and_spend_the_accounted_epsilon(tiny_model_dir, user_file, tmp_path):
+    # Prepare
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, user_file, out)
+    grid = InProcessGrid(make_client_app(), NODES, cfg)
+
+    # Execute
+    run_server(grid, cfg)
+
+    # Assert
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert privacy["rounds_completed"] == 2
+    expected = compute_epsilon(noise_multiplier=privacy["noise_multiplier"], delta=3e-6, sample_rate=1.0, rounds=2)
+    assert privacy["epsilon"] == pytest.approx(expected)
+    assert privacy["epsilon"] <= 7.0
+    rounds = _read_jsonl(out / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["replies"] == 2 and r["pairs"] == 3 for r in rounds)
+    assert rounds[0]["users_sampled"] == 9  # 12 users, 3 held out for validation
+    assert {"generate", "embed", "collect", "aggregate", "dpo"} <= set(rounds[0]["seconds"])
+    assert len(_read_jsonl(out / "synthetic.jsonl")) == 4
+    assert (out / "rounds.png").stat().st_size > 0
+    assert json.loads((out / "config.json").read_text())["prompts"] == 3
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-0000", "round-0001"]
+
+
+def test_adapter_trained_in_round_one_is_the_one_round_two_generates_with(tiny_model_dir, user_file, tmp_path):
+    # Prepare
+    import torch
+
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, user_file, out, **{"learning-rate": 0.05})
+    grid = InProcessGrid(make_client_app(), NODES, cfg)
+
+    # Execute
+    run_server(grid, cfg)
+
+    # Assert: the LoRA weights moved away from the zero-initialised B matrices and were checkpointed
+    state = torch.load(out / "checkpoints" / "round-0001" / "state.pt", weights_only=False)
+    b_norm = sum(float(v.norm()) for k, v in state["dpo"]["adapter"].items() if "lora_B" in k)
+    assert b_norm > 0
+    assert state["dpo"]["steps_done"] == 4  # 2 rounds x ceil(3 pairs / batch 2)
+
+
+@pytest.mark.parametrize(
+    "tamper_kind", ["nan", "wrong_shape", "inf", "missing_key", "error"], ids=lambda k: f"reply_{k}_rejected"
+)
+def test_broken_reply_is_rejected_logged_and_the_round_goes_on(tiny_model_dir, user_file, tmp_path, caplog, tamper_kind):
+    # Prepare: node 102 answers with garbage every round
+    from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+
+    def tamper(node_id, reply):
+        if node_id != 102:
+            return reply
+        if tamper_kind == "error":
+            return Message(Error(code=2, reason="boom"), reply_to=reply)  # reply_to keeps the message id link
+        vec = np.full(9, np.nan) if tamper_kind == "nan" else np.zeros(5) if tamper_kind == "wrong_shape" else None
+        vec = np.full(9, np.inf) if tamper_kind == "inf" else vec
+        content = {"meta": MetricRecord({"num-users": 4})}
+        if vec is not None:
+            content["scores"] = ArrayRecord({"scores": Array(vec)})
+        reply.content = RecordDict(content)
+        return reply
+
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, user_file, out, rounds=1, **{"final-samples": 0})
+    grid = InProcessGrid(make_client_app(), NODES, cfg, tamper=tamper)
+
+    # Execute
+    run_server(grid, cfg)
+
+    # Assert
+    record = _read_jsonl(out / "rounds.jsonl")[0]
+    assert record["replies"] == 1 and record["rejected_replies"] == 1
+    assert "rejected reply from node 102" in caplog.text
+    assert json.loads((out / "privacy.json").read_text())["rounds_completed"] == 1
+
+
+def test_round_with_too_few_replies_is_discarded_and_not_charged(tiny_model_dir, user_file, tmp_path):
+    # Prepare: one of two nodes is dead, and the round needs both
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, user_file, out, rounds=1, **{"min-replies": 2, "reply-timeout": 1.0})
+    grid = InProcessGrid(make_client_app(), NODES, cfg)
+    grid.dead.add(102)
+
+    # Execute
+    run_server(grid, cfg)
+
+    # Assert
+    record = _read_jsonl(out / "rounds.jsonl")[0]
+    assert record["discarded"] is True
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert privacy["rounds_completed"] == 0 and privacy["epsilon"] == 0.0
+
+
+def test_crash_mid_round_then_resume_continues_the_ledger(tiny_model_dir, user_file, tmp_path):
+    # Prepare: the server dies in round 2 while collecting (node replies raise at the grid level)
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, user_file, out, rounds=3)
+    grid = InProcessGrid(make_client_app(), NODES, cfg)
+    pushes = {"n": 0}
+    real_push = grid.push_messages
+
+    def dying_push(messages):
+        pushes["n"] += 1
+        if pushes["n"] == 2:
+            raise KeyboardInterrupt("server killed")
+        return real_push(messages)
+
+    grid.push_messages = dying_push
+    with pytest.raises(KeyboardInterrupt):
+        run_server(grid, cfg)
+    after_crash = json.loads((out / "privacy.json").read_text())
+
+    # Execute: resume through the same ServerApp
+    grid.push_messages = real_push
+    run_server(grid, {**cfg, "resume": True})
+
+    # Assert: round 1 was kept, rounds 2-3 added; epsilon is that of 3 rounds, never recounted from fewer
+    assert after_crash["rounds_completed"] == 1
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert privacy["rounds_completed"] == 3
+    sigma = privacy["noise_multiplier"]
+    assert privacy["epsilon"] == pytest.approx(
+        compute_epsilon(noise_multiplier=sigma, delta=3e-6, sample_rate=1.0, rounds=3)
+    )
+    assert [r["round"] for r in _read_jsonl(out / "rounds.jsonl")] == [1, 2, 3]
+
+
+def test_new_run_refuses_to_overwrite_an_existing_one(tiny_model_dir, user_file, tmp_path):
+    # Prepare
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, user_file, out, rounds=1, **{"final-samples": 0})
+    run_server(InProcessGrid(make_client_app(), NODES, cfg), cfg)
+
+    # Execute / Assert
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_server(InProcessGrid(make_client_app(), NODES, cfg), cfg)
+
+
+def test_resume_with_a_changed_privacy_setting_is_refused(tiny_model_dir, user_file, tmp_path):
+    # Prepare
+    from popri.config import ConfigError
+
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, user_file, out, rounds=1, **{"final-samples": 0})
+    run_server(InProcessGrid(make_client_app(), NODES, cfg), cfg)
+
+    # Execute / Assert
+    changed = {**cfg, "delta": 1e-5, "resume": True}
+    with pytest.raises(ConfigError, match="'delta'"):
+        run_server(InProcessGrid(make_client_app(), NODES, changed), changed)
+
+
+def test_control_run_uses_no_private_data_and_spends_no_epsilon(tiny_model_dir, user_file, tmp_path):
+    # Prepare: every node would fail if asked
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, user_file, out, rounds=1, control=True, **{"final-samples": 0})
+    grid = InProcessGrid(make_client_app(), NODES, cfg, tamper=lambda nid, reply: pytest.fail("node queried"))
+
+    # Execute
+    run_server(grid, cfg)
+
+    # Assert
+    assert grid.sent == 0
+    assert json.loads((out / "privacy.json").read_text())["epsilon"] == 0.0

@@ -79,10 +79,10 @@ class DownstreamConfig:
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (constant, as in the paper)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     batch_size: int = field(default=32, metadata={"help": "texts per optimizer step"})
-    pretrain_epochs: int = field(default=8, metadata={"help": "max epochs of the public-only (eps0) model"})
-    epochs: int = field(default=4, metadata={"help": "max epochs when a method trains the eps0 model further"})
-    max_steps: int = field(default=0, metadata={"help": "cap on optimizer steps per training (0 = no cap)"})
-    eval_every: int = field(default=50, metadata={"help": "validate every this many steps (and at the end)"})
+    pretrain_epochs: int = field(default=10, metadata={"help": "max epochs of the public base model"})
+    epochs: int = field(default=6, metadata={"help": "max epochs when a method trains the base model further"})
+    max_steps: int = field(default=800, metadata={"help": "cap on optimizer steps per training (0 = no cap)"})
+    eval_every: int = field(default=25, metadata={"help": "validate every this many steps (and at the end)"})
     eval_batch_size: int = field(default=64, metadata={"help": "texts per evaluation batch"})
 
     def __post_init__(self) -> None:
@@ -102,7 +102,10 @@ class CorpusConfig:
 
     generator: str = field(default="smollm2", metadata={"help": "'smollm2' (packaged) or a local HF model folder"})
     samples: int = field(
-        default=1000, metadata={"help": "size of every synthetic corpus (public eps0 corpus, PE and POPri final)"}
+        default=500, metadata={"help": "size of the corpora the methods train on (eps0's public one, PE's, POPri's)"}
+    )
+    public_samples: int = field(
+        default=500, metadata={"help": "untuned-generator samples the public base model is trained on first"}
     )
     max_new_tokens: int = field(default=48, metadata={"help": "new tokens per generated sample"})
     initial_set_size: int = field(default=64, metadata={"help": "public seed samples the prompts draw from"})
@@ -114,6 +117,7 @@ class CorpusConfig:
     def __post_init__(self) -> None:
         _check(bool(self.generator), "corpus.generator", "give 'smollm2' or a model folder")
         _check(self.samples >= 3, "corpus.samples", f"must be >= 3, got {self.samples}")
+        _check(self.public_samples >= 1, "corpus.public-samples", f"must be >= 1, got {self.public_samples}")
         _check(self.max_new_tokens >= 1, "corpus.max-new-tokens", f"must be >= 1, got {self.max_new_tokens}")
         _check(self.initial_set_size >= 3, "corpus.initial-set-size", "prompts draw 3 samples; must be >= 3")
         _check(self.generation_batch_size >= 1, "corpus.generation-batch-size", "must be >= 1")
@@ -125,8 +129,8 @@ class DPFedAvgConfig:
     Language Models", ICLR): Poisson-sampled users, per-user clipped updates, Gaussian noise on their sum, fixed
     denominator ``q·N``."""
 
-    rounds: int = field(default=15, metadata={"help": "T, federated rounds (each one is a private release)"})
-    sample_rate: float = field(default=0.05, metadata={"help": "q, Poisson sampling rate of users per round"})
+    rounds: int = field(default=6, metadata={"help": "T, federated rounds (each one is a private release)"})
+    sample_rate: float = field(default=0.1, metadata={"help": "q, Poisson sampling rate of users per round"})
     clip_norm: float = field(default=0.5, metadata={"help": "C, L2 bound on one user's model update"})
     local_steps: int = field(default=2, metadata={"help": "local SGD steps per sampled user"})
     local_batch_size: int = field(default=16, metadata={"help": "texts per local step"})
@@ -149,9 +153,9 @@ class DPFedAvgConfig:
 class PEConfig:
     """Private Evolution (Lin et al. 2024; Xie et al. 2024, Aug-PE; Hou et al. 2024, PrE-Text) with user-level votes."""
 
-    rounds: int = field(default=4, metadata={"help": "T, PE iterations (each one is a private release)"})
-    population: int = field(default=128, metadata={"help": "synthetic samples voted on per iteration"})
-    keep: int = field(default=32, metadata={"help": "top-voted samples kept as in-context examples for variations"})
+    rounds: int = field(default=3, metadata={"help": "T, PE iterations (each one is a private release)"})
+    population: int = field(default=64, metadata={"help": "synthetic samples voted on per iteration"})
+    keep: int = field(default=16, metadata={"help": "top-voted samples kept as in-context examples for variations"})
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "pe.rounds", f"must be >= 1, got {self.rounds}")
@@ -271,9 +275,19 @@ def preset_config(name: str, **overrides: Any) -> BenchConfig:
                 ),
             ),
             downstream=DownstreamConfig(
-                n_embd=32, n_layer=1, n_head=2, batch_size=16, pretrain_epochs=2, epochs=1, eval_every=20
+                n_embd=32,
+                n_layer=1,
+                n_head=2,
+                learning_rate=3e-3,
+                batch_size=16,
+                pretrain_epochs=8,
+                epochs=4,
+                max_steps=60,
+                eval_every=4,
             ),
-            corpus=CorpusConfig(samples=24, max_new_tokens=20, initial_set_size=8, generation_batch_size=16),
+            corpus=CorpusConfig(
+                samples=24, public_samples=24, max_new_tokens=20, initial_set_size=8, generation_batch_size=16
+            ),
             dpfedavg=DPFedAvgConfig(rounds=2, sample_rate=0.5, local_steps=1, num_nodes=2),
             pe=PEConfig(rounds=1, population=16, keep=4),
             popri=PopriMethodConfig(
@@ -289,8 +303,16 @@ def preset_config(name: str, **overrides: Any) -> BenchConfig:
         base = BenchConfig(
             preset="paper",
             datasets=(DataSpec(max_validation_texts=5000, max_test_texts=0),),
-            downstream=DownstreamConfig(n_embd=256, n_layer=4, n_head=4, pretrain_epochs=20, epochs=20, eval_every=500),
-            corpus=CorpusConfig(samples=100_000, max_new_tokens=85, initial_set_size=1000, generation_batch_size=128),
+            downstream=DownstreamConfig(
+                n_embd=256, n_layer=4, n_head=4, pretrain_epochs=20, epochs=20, max_steps=0, eval_every=500
+            ),
+            corpus=CorpusConfig(
+                samples=100_000,
+                public_samples=100_000,
+                max_new_tokens=85,
+                initial_set_size=1000,
+                generation_batch_size=128,
+            ),
             dpfedavg=DPFedAvgConfig(rounds=100, sample_rate=0.1, num_nodes=16),
             pe=PEConfig(rounds=20, population=18_000, keep=1800),
             popri=PopriMethodConfig(

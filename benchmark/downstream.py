@@ -114,7 +114,9 @@ def num_parameters(model: Any) -> int:
 
 
 def _target_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, V) at the N target positions of the batch, and the (N,) targets."""
+    """Logits (N, V) at the N target positions of the batch, and the (N,) targets (on the model's device)."""
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
     hidden = model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, d)
     keep = target_mask(mask)  # (B, L-1)
     return model.lm_head(hidden[:, :-1][keep]), ids[:, 1:][keep]

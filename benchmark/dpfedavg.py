@@ -127,7 +127,7 @@ def local_update(
         loss.backward()
         optimizer.step()
     params = dict(model.named_parameters())
-    return [params[n].detach().numpy() - s for n, s in zip(names, start, strict=True)]
+    return [params[n].detach().cpu().numpy() - s for n, s in zip(names, start, strict=True)]
 
 
 def make_client_app(

@@ -3,12 +3,13 @@
 Per data set:
 
 1. load, truncate and split by users (:mod:`benchmark.datasets`);
-2. eps0: the untuned generator writes a public corpus from the public initial set; a fresh downstream model trains on
-   it. That model is the ε = 0 reference *and* the starting point of every other method (the paper's C4-pretrained
-   DistilGPT2 plays this role);
-3. every other method trains a copy of the eps0 model with the same recipe (:func:`benchmark.downstream.train`):
-   ``epsinf`` on the private train texts themselves, ``pe`` and ``popri`` on their synthetic corpora, ``dpfedavg``
-   federated on Flower;
+2. the untuned generator writes a public corpus from the public initial set; a fresh downstream model trains on its
+   first part: the *public base model*, the starting point of every method (the paper's C4-pretrained DistilGPT2
+   plays this role);
+3. every method trains a copy of the base model with the same recipe (:func:`benchmark.downstream.train`):
+   ``eps0`` on the rest of the public corpus (as many samples as PE's and POPri's corpora: the ε = 0 reference, i.e.
+   the same pipeline with no private feedback), ``epsinf`` on the private train texts themselves, ``pe`` and
+   ``popri`` on their synthetic corpora, ``dpfedavg`` federated on Flower;
 4. each model is scored once on test, at the checkpoint its validation accuracy selected.
 
 Rows are written to ``results.json``/``results.md``/``privacy_utility.png`` as they finish; with ``resume`` a row
@@ -93,7 +94,7 @@ class Prepared:
     test: list[list[int]]
     folder: Path
     instruction: str
-    eps0_model: Any = None
+    base_model: Any = None  # the public-only starting point of every method
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -165,12 +166,15 @@ class Benchmark:
         )
 
     def _model_factory(self, prep: Prepared) -> Any:
+        from popri.assets import best_device
+
         d = self.config.downstream
-        return build_model(d, prep.special, max_positions=prep.spec.token_budget + 2, seed=self.config.seed)
+        model = build_model(d, prep.special, max_positions=prep.spec.token_budget + 2, seed=self.config.seed)
+        return model.to(best_device())
 
     def _finetune(self, prep: Prepared, texts: list[str], desc: str) -> tuple[Any, Any]:
-        """A copy of the eps0 model trained on ``texts`` with the shared recipe; returns (model, TrainResult)."""
-        model = copy.deepcopy(prep.eps0_model)
+        """A copy of the public base model trained on ``texts`` with the shared recipe; returns (model, result)."""
+        model = copy.deepcopy(prep.base_model)
         sequences = encode_texts(
             texts, self.assets.tokenizer, token_budget=prep.spec.token_budget, special=prep.special
         )
@@ -238,38 +242,48 @@ class Benchmark:
 
     # -- methods -------------------------------------------------------------------------------------------------
 
-    def run_eps0(self, prep: Prepared) -> None:
-        """Public corpus from the untuned generator -> fresh model -> the ε=0 reference and everyone's start."""
-        name, start = prep.splits.name, time.time()
-        model_path = prep.folder / "eps0_model.pt"
-        corpus_path = prep.folder / "public.jsonl"
-        model = self._model_factory(prep)
-        self.results["datasets"][name]["downstream_parameters"] = num_parameters(model)
-        row = self._done(name, "eps0", 0.0)
-        if self.config.resume and row is not None and model_path.exists():
-            model.load_state_dict(torch.load(model_path, weights_only=True))
-            prep.eps0_model = model
-            return
-        if self.config.resume and corpus_path.exists():
-            corpus = read_corpus(corpus_path)
-        else:
+    def _public_corpus(self, prep: Prepared) -> tuple[list[str], list[str]]:
+        """Samples of the untuned generator from the public initial set: (pretraining part, eps0 fine-tuning part)."""
+        path = prep.folder / "public.jsonl"
+        n_base, n_ft = self.config.corpus.public_samples, self.config.corpus.samples
+        corpus = read_corpus(path) if self.config.resume and path.exists() else []
+        if len(corpus) != n_base + n_ft:
             gen = self._gen(prep)
-            seeds = initial_set(gen, seed=self.config.seed, progress=self.config.progress)
             corpus = generate_from_examples(
                 gen,
-                seeds,
-                count=self.config.corpus.samples,
+                initial_set(gen, seed=self.config.seed, progress=self.config.progress),
+                count=n_base + n_ft,
                 rng=np.random.default_rng([self.config.seed, 10]),
                 generator=torch.Generator().manual_seed(self.config.seed + 10),
                 progress=self.config.progress,
                 desc="public corpus",
             )
-            write_corpus(corpus, corpus_path)
+            write_corpus(corpus, path)
+        return corpus[:n_base], corpus[n_base:]
+
+    def run_eps0(self, prep: Prepared) -> None:
+        """The public base model (everyone's starting point) and the ε=0 reference.
+
+        base = a fresh model trained on ``public_samples`` samples of the untuned generator (the role of the paper's
+        C4-pretrained DistilGPT2). eps0 = the base trained further, with the same recipe as PE and POPri, on another
+        ``samples`` samples of the untuned generator: POPri or PE with no private feedback. Comparing the methods
+        with this control credits them only for what the private data adds, not for seeing more generator text.
+        """
+        name, start = prep.splits.name, time.time()
+        base_path = prep.folder / "base_model.pt"
+        base = self._model_factory(prep)
+        ds = self.results["datasets"][name]
+        ds["downstream_parameters"] = num_parameters(base)
+        if self.config.resume and self._done(name, "eps0", 0.0) is not None and base_path.exists():
+            base.load_state_dict(torch.load(base_path, weights_only=True, map_location="cpu"))
+            prep.base_model = base
+            return
+        pretrain, finetune = self._public_corpus(prep)
         sequences = encode_texts(
-            corpus, self.assets.tokenizer, token_budget=prep.spec.token_budget, special=prep.special
+            pretrain, self.assets.tokenizer, token_budget=prep.spec.token_budget, special=prep.special
         )
         result = train(
-            model,
+            base,
             sequences,
             prep.validation,
             config=self.config.downstream,
@@ -277,10 +291,21 @@ class Benchmark:
             pad=prep.special.pad,
             generator=torch.Generator().manual_seed(self.config.seed),
             progress=self.config.progress,
-            desc="eps0",
+            desc="public base",
         )
-        torch.save(model.state_dict(), model_path)
-        prep.eps0_model = model
+        torch.save(base.state_dict(), base_path)
+        prep.base_model = base
+        base_test = evaluate(base, prep.test, pad=prep.special.pad, batch_size=self.config.downstream.eval_batch_size)
+        ds["base_model"] = {
+            "note": "public-only starting point of every method (not a table row: eps0 is the ε=0 reference)",
+            "corpus_size": len(pretrain),
+            "selected": f"step {result.selected_step}/{result.steps}",
+            "validation_accuracy": result.selected_validation.accuracy,
+            "accuracy": base_test.accuracy,
+            "cross_entropy": base_test.cross_entropy,
+            "wall_seconds": time.time() - start,
+        }
+        model, trained = self._finetune(prep, finetune, "eps0")
         self._record(
             name,
             self._row(
@@ -288,11 +313,11 @@ class Benchmark:
                 method="eps0",
                 epsilon=0.0,
                 model=model,
-                validation=result.selected_validation,
-                selected=f"step {result.selected_step}/{result.steps}",
+                validation=trained.selected_validation,
+                selected=f"step {trained.selected_step}/{trained.steps}",
                 start=start,
                 epsilon_spent=0.0,
-                corpus_size=len(corpus),
+                corpus_size=len(finetune),
                 bytes_down_per_client_round=None,
                 bytes_up_per_client_round=None,
             ),
@@ -323,7 +348,7 @@ class Benchmark:
 
         start = time.time()
         result = run_dpfedavg(
-            initial_model=prep.eps0_model,
+            initial_model=prep.base_model,
             model_factory=lambda: self._model_factory(prep),
             user_sequences=prep.user_sequences,
             evaluate_validation=lambda m: evaluate(

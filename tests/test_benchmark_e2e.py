@@ -30,7 +30,12 @@ def _tiny_config(model_dir: Path, tmp_path: Path) -> object:
         noise_seed=1,
         epsilons=(2.0,),
         corpus=CorpusConfig(
-            generator=str(model_dir), samples=8, max_new_tokens=12, initial_set_size=6, generation_batch_size=8
+            generator=str(model_dir),
+            samples=8,
+            public_samples=8,
+            max_new_tokens=12,
+            initial_set_size=6,
+            generation_batch_size=8,
         ),
         datasets=(
             DataSpec(
@@ -69,7 +74,9 @@ def test_every_method_end_to_end_on_tiny_models(tiny_model_dir: Path, tmp_path: 
             assert 0 < row["epsilon_spent"] <= eps, method
             assert row["delta"] == config.delta  # type: ignore[attr-defined]
             assert row["bytes_down_per_client_round"] > 0 and row["bytes_up_per_client_round"] > 0
-    assert rows[("popri", 2.0)]["corpus_size"] == 8 and rows[("pe", 2.0)]["corpus_size"] == 8
+    assert {rows[(m, e)]["corpus_size"] for m, e in [("eps0", 0.0), ("pe", 2.0), ("popri", 2.0)]} == {8}
+    base = results["datasets"]["shakespeare"]["base_model"]
+    assert base["corpus_size"] == 8 and 0.0 <= base["accuracy"] <= 1.0
     assert rows[("eps0", 0.0)]["gap_closure"] in (0.0, None)
     saved = json.loads((out / "results.json").read_text())
     assert saved["datasets"]["shakespeare"]["splits"]["held_out"] == "users"

@@ -94,12 +94,14 @@ def load_tokenizer(model: str = SMOLLM2, *, cache_dir: Path | None = None) -> An
     return tokenizer
 
 
-def load_generator(model: str = SMOLLM2, *, cache_dir: Path | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) of the generator in float32, eval mode, on the best device available."""
+def load_generator(
+    model: str = SMOLLM2, *, cache_dir: Path | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any]:
+    """(model, tokenizer) of the generator in ``dtype``, eval mode, on the best device available."""
     from transformers import AutoModelForCausalLM
 
     path = generator_dir(model, cache_dir=cache_dir)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(best_device())
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(best_device())
     lm.eval()
     tokenizer = load_tokenizer(model, cache_dir=cache_dir)
     lm.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -57,9 +57,20 @@ def clean_completion(text: str) -> str:
 
 
 def truncate_tokens(texts: list[str], tokenizer: Any, budget: int) -> list[str]:
-    """Cut each text to at most ``budget`` tokens of the generator's tokenizer."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [t if len(i) <= budget else tokenizer.decode(i[:budget]).strip() for t, i in zip(texts, ids, strict=True)]
+    """Cut each text to at most ``budget`` tokens of the generator's tokenizer.
+
+    Decoding a cut that splits a multi-byte character can re-encode to more tokens, so the cut shrinks until the
+    text round-trips within the budget.
+    """
+    out = []
+    for text, ids in zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True):
+        if len(ids) > budget:
+            for keep in range(budget, -1, -1):
+                text = tokenizer.decode(ids[:keep]).strip()
+                if len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= budget:
+                    break
+        out.append(text)
+    return out
 
 
 def _sample_next(logits: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:

@@ -101,7 +101,9 @@ class PopriRun:
         self.control_rng = np.random.default_rng([config.seed, 3])
         self.sample_gen = torch.Generator().manual_seed(config.seed)
         cache = config.resolved_cache_dir()
-        model, self.tokenizer = load_generator(config.generation.model, cache_dir=cache)
+        # Policy and reference share the frozen base, so both run at this one precision (no bf16/fp32 mismatch).
+        dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
+        model, self.tokenizer = load_generator(config.generation.model, cache_dir=cache, dtype=dtype)
         self.dpo = LoraDPO(model, self.tokenizer, config=config.train)
         self.embedder = load_embedder()
         g = config.generation

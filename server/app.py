@@ -100,7 +100,7 @@ def _main(grid: Grid, context: Context, overrides: dict[str, Any] | None) -> Non
     flat, resume, progress = run_options({**context.run_config, **(overrides or {})})
     config = config_from_flat(flat)
     run = PopriRun(config, resume=resume, progress=progress)
-    nodes = wait_for_nodes(grid, config.num_nodes)
+    nodes = wait_for_nodes(grid, config.num_nodes, timeout=min(_NODE_WAIT_S, config.reply_timeout))
 
     def collect(embeddings: np.ndarray, round_index: int, sample_rate: float) -> list[NodeReply]:
         live = sorted(grid.get_node_ids()) or nodes

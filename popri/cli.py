@@ -66,7 +66,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = json.loads((out / "privacy.json").read_text())
     logging.getLogger("popri").info(
         "done: epsilon=%.4f (delta=%g) over %d round(s); artifacts in %s",
-        summary["epsilon"], summary["delta"], summary["rounds_completed"], out,
+        summary["epsilon"],
+        summary["delta"],
+        summary["rounds_completed"],
+        out,
     )
     return 0
 
@@ -74,23 +77,39 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_privacy(args: argparse.Namespace) -> int:
     from popri.privacy import calibrate_noise, compute_epsilon
 
-    common = {"delta": args.delta, "sample_rate": args.sample_rate, "rounds": args.rounds, "accountant": args.accountant}
+    common = {
+        "delta": args.delta,
+        "sample_rate": args.sample_rate,
+        "rounds": args.rounds,
+        "accountant": args.accountant,
+    }
     if args.noise_multiplier is not None:
         sigma = args.noise_multiplier
         epsilon = compute_epsilon(noise_multiplier=sigma, **common)
     else:
         sigma = calibrate_noise(epsilon=args.epsilon, **common)
         epsilon = compute_epsilon(noise_multiplier=sigma, **common)
-    result = {"epsilon": epsilon, "noise_multiplier": sigma, "delta": args.delta, "sample_rate": args.sample_rate,
-              "rounds": args.rounds, "accountant": args.accountant, "target_epsilon": args.epsilon}
+    result = {
+        "epsilon": epsilon,
+        "noise_multiplier": sigma,
+        "delta": args.delta,
+        "sample_rate": args.sample_rate,
+        "rounds": args.rounds,
+        "accountant": args.accountant,
+        "target_epsilon": args.epsilon,
+    }
     if args.json:
         print(json.dumps(result))
     elif args.noise_multiplier is not None:
-        print(f"epsilon = {epsilon:.4f}  (sigma={sigma}, T={args.rounds}, q={args.sample_rate}, delta={args.delta}, "
-              f"{args.accountant})")
+        print(
+            f"epsilon = {epsilon:.4f}  (sigma={sigma}, T={args.rounds}, q={args.sample_rate}, delta={args.delta}, "
+            f"{args.accountant})"
+        )
     else:
-        print(f"noise multiplier sigma = {sigma:.4f}  (gives epsilon={epsilon:.4f} <= {args.epsilon}, T={args.rounds}, "
-              f"q={args.sample_rate}, delta={args.delta}, {args.accountant})")
+        print(
+            f"noise multiplier sigma = {sigma:.4f}  (gives epsilon={epsilon:.4f} <= {args.epsilon}, T={args.rounds}, "
+            f"q={args.sample_rate}, delta={args.delta}, {args.accountant})"
+        )
     return 0
 
 
@@ -101,8 +120,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run POPri on Flower's simulation engine",
-                         description="Run POPri end to end (Flower simulation) and write the artifacts to --output.")
+    run = sub.add_parser(
+        "run",
+        help="run POPri on Flower's simulation engine",
+        description="Run POPri end to end (Flower simulation) and write the artifacts to --output.",
+    )
     run.add_argument("--output", help="artifact directory (default runs/default)")
     run.add_argument("--rounds", type=int, help="T, private rounds (default 6)")
     run.add_argument("--epsilon", type=float, help="target epsilon after all rounds (default 7)")
@@ -117,16 +139,26 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-users", type=int, help="use at most this many users (default all)")
     run.add_argument("--num-nodes", type=int, help="virtual Flower nodes (default 2)")
     run.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    run.add_argument("--diagnostics", action="store_true",
-                     help="NON-PRIVATE: per-round similarity of samples to held-out private validation text")
+    run.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="NON-PRIVATE: per-round similarity of samples to held-out private validation text",
+    )
     run.add_argument("--control", action="store_true", help="random preference pairs (no private data; a control)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE",
-                     help="any other config key, e.g. --set beta=0.05 (repeatable; see README)")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any other config key, e.g. --set beta=0.05 (repeatable; see README)",
+    )
     run.set_defaults(func=cmd_run)
 
-    priv = sub.add_parser("privacy", help="noise multiplier <-> epsilon calculator (Opacus accountants)",
-                          description="Print sigma for a target epsilon, or epsilon for a given sigma.")
+    priv = sub.add_parser(
+        "privacy",
+        help="noise multiplier <-> epsilon calculator (Opacus accountants)",
+        description="Print sigma for a target epsilon, or epsilon for a given sigma.",
+    )
     which = priv.add_mutually_exclusive_group(required=True)
     which.add_argument("--epsilon", type=float, help="target epsilon: print the calibrated sigma")
     which.add_argument("--noise-multiplier", type=float, help="sigma: print the epsilon it spends")
@@ -157,5 +189,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-

@@ -140,7 +140,9 @@ class RunConfig:
     control: bool = field(default=False, metadata={"help": "random preference pairs (no private signal)"})
     output: str = field(default="runs/default", metadata={"help": "artifact directory"})
     cache_dir: str = field(default="", metadata={"help": "cache for models and embeddings (default ~/.cache/popri)"})
-    reply_timeout: float = field(default=600.0, metadata={"help": "seconds the server waits for nodes to connect and for their replies"})
+    reply_timeout: float = field(
+        default=600.0, metadata={"help": "seconds the server waits for nodes to connect and for their replies"}
+    )
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")

@@ -85,14 +85,14 @@ def from_records(records: list[tuple[str, str]], *, min_text_chars: int = 1, sou
 
 def _check_record(record: object, where: str) -> tuple[str, str]:
     if not isinstance(record, dict):
-        raise DataFormatError(f"{where}: expected an object {{\"user\": ..., \"text\": ...}}, got {type(record).__name__}")
+        raise DataFormatError(f'{where}: expected an object {{"user": ..., "text": ...}}, got {type(record).__name__}')
     missing = [k for k in ("user", "text") if k not in record]
     if missing:
-        raise DataFormatError(f"{where}: missing key '{missing[0]}' (each record needs \"user\" and \"text\")")
+        raise DataFormatError(f'{where}: missing key \'{missing[0]}\' (each record needs "user" and "text")')
     if not isinstance(record["text"], str):
-        raise DataFormatError(f"{where}: \"text\" must be a string, got {type(record['text']).__name__}")
+        raise DataFormatError(f'{where}: "text" must be a string, got {type(record["text"]).__name__}')
     if not isinstance(record["user"], (str, int)):
-        raise DataFormatError(f"{where}: \"user\" must be a string or integer")
+        raise DataFormatError(f'{where}: "user" must be a string or integer')
     return str(record["user"]), record["text"]
 
 
@@ -186,7 +186,7 @@ def split_users(data: UserData, *, validation_fraction: float, seed: int) -> tup
     """Hold out whole users (not texts) for validation, so no person's text is on both sides."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(data.num_users)
-    n_val = int(round(validation_fraction * data.num_users))
+    n_val = round(validation_fraction * data.num_users)
     return data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
 
 

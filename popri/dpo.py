@@ -185,9 +185,7 @@ class LoraDPO:
                 order = rng.permutation(len(tokenized))
                 for start in range(0, len(order), bs):
                     idx = [int(i) for i in order[start : start + bs]]
-                    ref_logps = torch.tensor(
-                        [ref[i][0] for i in idx] + [ref[i][1] for i in idx], device=self.device
-                    )
+                    ref_logps = torch.tensor([ref[i][0] for i in idx] + [ref[i][1] for i in idx], device=self.device)
                     history.append(self.step([tokenized[i] for i in idx], ref_logps))
                     bar.update(1)
                     bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")

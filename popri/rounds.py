@@ -55,9 +55,7 @@ class NodeReply:
 Collect = Callable[[np.ndarray, int, float], list[NodeReply]]  # (sample embeddings, round, sample rate) -> replies
 
 
-def aggregate_replies(
-    replies: list[NodeReply], *, expected_len: int
-) -> tuple[np.ndarray | None, int, list[str]]:
+def aggregate_replies(replies: list[NodeReply], *, expected_len: int) -> tuple[np.ndarray | None, int, list[str]]:
     """Validate and re-clip every reply; sum the good ones. Returns (sum or None, users, rejection reasons)."""
     total = np.zeros(expected_len, dtype=np.float64)
     users, accepted, rejected = 0, 0, []
@@ -92,7 +90,11 @@ class PopriRun:
         else:
             assert p.epsilon is not None
             self.sigma = calibrate_noise(
-                epsilon=p.epsilon, delta=p.delta, sample_rate=p.sample_rate, rounds=config.rounds, accountant=p.accountant
+                epsilon=p.epsilon,
+                delta=p.delta,
+                sample_rate=p.sample_rate,
+                rounds=config.rounds,
+                accountant=p.accountant,
             )
         self.ledger = PrivacyLedger(delta=p.delta, accountant=p.accountant, target_epsilon=p.epsilon)
         self.noise_rng, self.noise_reproducible = make_noise_rng(p.noise_seed)
@@ -136,12 +138,15 @@ class PopriRun:
             now = config_to_flat(self.config)
             changed = [k for k in _RESUME_LOCKED if before.get(k) != now.get(k)]
             if changed:
+                key = changed[0]
                 raise ConfigError(
-                    f"invalid config key '{changed[0]}': a resumed run must keep {changed[0]}={before.get(changed[0])!r}"
+                    f"invalid config key '{key}': a resumed run must keep {key}={before.get(key)!r}"
                     " (the privacy ledger depends on it)"
                 )
         elif ckpt.latest_checkpoint(self.ckpt_dir) is not None:
-            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or pick a new --output")
+            raise FileExistsError(
+                f"{self.out} already holds a run; pass --resume to continue it or pick a new --output"
+            )
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(self.config, saved)
 
@@ -173,7 +178,9 @@ class PopriRun:
         """NON-PRIVATE diagnostic: the mean embedding of held-out private validation texts (benchmark use only)."""
         logger.warning("--diagnostics reads held-out private validation text without DP: a non-private diagnostic")
         c = self.config
-        data = load_user_data(c.data.data, min_text_chars=c.data.min_text_chars, max_users=c.data.max_users, seed=c.seed)
+        data = load_user_data(
+            c.data.data, min_text_chars=c.data.min_text_chars, max_users=c.data.max_users, seed=c.seed
+        )
         _, val = split_users(data, validation_fraction=c.data.validation_fraction, seed=c.seed)
         texts = val.texts[:2000]
         if not texts:
@@ -230,8 +237,9 @@ class PopriRun:
         dp_scores: np.ndarray | None = None
         pairs: list[PreferencePair]
         if c.control:
-            pairs = random_pairs(prompts=prompts, samples=samples, samples_per_prompt=g.samples_per_prompt,
-                                 rng=self.control_rng)
+            pairs = random_pairs(
+                prompts=prompts, samples=samples, samples_per_prompt=g.samples_per_prompt, rng=self.control_rng
+            )
             record.update({"users_sampled": 0, "replies": 0, "rejected_replies": 0, "control": True})
         else:
             start = time.perf_counter()
@@ -243,16 +251,22 @@ class PopriRun:
             record.update({"users_sampled": users, "replies": accepted, "rejected_replies": len(rejected)})
             if summed is None or accepted < c.privacy.min_replies:
                 # Nothing is released, so nothing is charged: the noisy sum is never computed.
-                logger.warning("round %d discarded: %d valid replies < min-replies %d", t + 1, accepted,
-                               c.privacy.min_replies)
+                logger.warning(
+                    "round %d discarded: %d valid replies < min-replies %d", t + 1, accepted, c.privacy.min_replies
+                )
                 record.update({"discarded": True, "seconds": timings})
                 return record
             epsilon = self.ledger.charge(noise_multiplier=self.sigma, sample_rate=q)  # charged before any use
             dp_scores = gaussian_mechanism(summed_scores=summed, noise_multiplier=self.sigma, rng=self.noise_rng)
             del summed
             timings["aggregate"] = time.perf_counter() - start
-            pairs = build_pairs(prompts=prompts, samples=samples, dp_scores=dp_scores,
-                                samples_per_prompt=g.samples_per_prompt, rejected_rank=c.train.rejected_rank)
+            pairs = build_pairs(
+                prompts=prompts,
+                samples=samples,
+                dp_scores=dp_scores,
+                samples_per_prompt=g.samples_per_prompt,
+                rejected_rank=c.train.rejected_rank,
+            )
             record["privacy/epsilon"] = epsilon
 
         start = time.perf_counter()
@@ -329,8 +343,14 @@ class PopriRun:
         c = self.config
         logger.info(
             "POPri: %d rounds, K=%d prompts x J=%d samples, sigma=%.4f, target epsilon=%s, delta=%g, q=%g%s",
-            c.rounds, c.generation.prompts, c.generation.samples_per_prompt, self.sigma, c.privacy.epsilon,
-            c.privacy.delta, c.privacy.sample_rate, " (CONTROL: random pairs, no private data)" if c.control else "",
+            c.rounds,
+            c.generation.prompts,
+            c.generation.samples_per_prompt,
+            self.sigma,
+            c.privacy.epsilon,
+            c.privacy.delta,
+            c.privacy.sample_rate,
+            " (CONTROL: random pairs, no private data)" if c.control else "",
         )
         bar = tqdm(range(self.start_round, c.rounds), desc="rounds", disable=not self.progress, unit="round")
         for t in bar:
@@ -344,9 +364,15 @@ class PopriRun:
                 extra = f" val_similarity={record['diagnostics/val_similarity']:.4f} (non-private)"
             logger.info(
                 "round %d/%d: epsilon=%.4f users=%d pairs=%d dpo_loss=%.4f margin=%.4f %.1fs%s",
-                t + 1, c.rounds, self.ledger.epsilon(), record["users_sampled"], record["pairs"],
-                record.get("dpo/loss", float("nan")), record.get("dpo/rewards_margin", float("nan")),
-                sum(record["seconds"].values()), extra,
+                t + 1,
+                c.rounds,
+                self.ledger.epsilon(),
+                record["users_sampled"],
+                record["pairs"],
+                record.get("dpo/loss", float("nan")),
+                record.get("dpo/rewards_margin", float("nan")),
+                sum(record["seconds"].values()),
+                extra,
             )
         self.finish()
         return self.privacy_summary()
@@ -362,14 +388,17 @@ class PopriRun:
         if self.val_centroid is not None and texts:
             mean, se = self._similarity(embed_texts(self.embedder, texts))
             rounds = [r for r in self.records if "diagnostics/val_similarity" in r]
-            ckpt.atomic_write_json(self.out / "diagnostics.json", {
-                "note": "NON-PRIVATE diagnostic: similarity to held-out private validation text",
-                "first_round": rounds[0]["diagnostics/val_similarity"] if rounds else None,
-                "first_round_se": rounds[0]["diagnostics/val_similarity_se"] if rounds else None,
-                "final": mean,
-                "final_se": se,
-                "control": c.control,
-            })
+            ckpt.atomic_write_json(
+                self.out / "diagnostics.json",
+                {
+                    "note": "NON-PRIVATE diagnostic: similarity to held-out private validation text",
+                    "first_round": rounds[0]["diagnostics/val_similarity"] if rounds else None,
+                    "first_round_se": rounds[0]["diagnostics/val_similarity_se"] if rounds else None,
+                    "final": mean,
+                    "final_se": se,
+                    "control": c.control,
+                },
+            )
         self._write_progress_artifacts()
         plot_rounds(self.records, self.out / "rounds.png")
         logger.info("final corpus: %d samples in %.1fs -> %s", len(texts), time.perf_counter() - start, self.out)

@@ -75,9 +75,7 @@ def query_nodes(
     return replies
 
 
-def make_server_app(
-    overrides: dict[str, Any] | None = None, errors: list[BaseException] | None = None
-) -> ServerApp:
+def make_server_app(overrides: dict[str, Any] | None = None, errors: list[BaseException] | None = None) -> ServerApp:
     """A ServerApp whose config is Flower's run config updated with ``overrides`` (used by ``popri run``).
 
     A failure is appended to ``errors`` (when given) before it propagates, because Flower's simulation only logs it.

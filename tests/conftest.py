@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import byte_tokenizer, tiny_causal_lm  # noqa: E402
+from tiny_models import byte_tokenizer, tiny_causal_lm
 
 ROLES = {
     "sailor": ["the sea is wide and the wind is cold tonight", "hoist the sails before the storm", "we sail at dawn"],

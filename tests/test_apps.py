@@ -66,7 +66,9 @@ def test_adapter_trained_in_round_one_is_the_one_round_two_generates_with(tiny_m
 @pytest.mark.parametrize(
     "tamper_kind", ["nan", "wrong_shape", "inf", "missing_key", "error"], ids=lambda k: f"reply_{k}_rejected"
 )
-def test_broken_reply_is_rejected_logged_and_the_round_goes_on(tiny_model_dir, user_file, tmp_path, caplog, tamper_kind):
+def test_broken_reply_is_rejected_logged_and_the_round_goes_on(
+    tiny_model_dir, user_file, tmp_path, caplog, tamper_kind
+):
     # Prepare: node 102 answers with garbage every round
     from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 
@@ -74,7 +76,9 @@ def test_broken_reply_is_rejected_logged_and_the_round_goes_on(tiny_model_dir, u
         if node_id != 102:
             return reply
         if tamper_kind == "error":
-            return Message(Error(code=2, reason="boom"), reply_to=reply)  # reply_to keeps the message id link
+            error = Message(Error(code=2, reason="boom"), reply_to=reply)
+            error.metadata._reply_to_message_id = reply.metadata.reply_to_message_id  # answer the original message
+            return error
         vec = np.full(9, np.nan) if tamper_kind == "nan" else np.zeros(5) if tamper_kind == "wrong_shape" else None
         vec = np.full(9, np.inf) if tamper_kind == "inf" else vec
         content = {"meta": MetricRecord({"num-users": 4})}
@@ -84,7 +88,7 @@ def test_broken_reply_is_rejected_logged_and_the_round_goes_on(tiny_model_dir, u
         return reply
 
     out = tmp_path / "run"
-    cfg = tiny_run_config(tiny_model_dir, user_file, out, rounds=1, **{"final-samples": 0})
+    cfg = tiny_run_config(tiny_model_dir, user_file, out, rounds=1, **{"final-samples": 0, "reply-timeout": 30.0})
     grid = InProcessGrid(make_client_app(), NODES, cfg, tamper=tamper)
 
     # Execute

@@ -12,18 +12,47 @@ from popri.cli import main, make_parser
 
 
 def test_privacy_json_reproduces_the_paper_values(capsys):
-    assert main(["privacy", "--noise-multiplier", "19.3", "--rounds", "20", "--sample-rate", "1",
-                 "--delta", "3e-6", "--json"]) == 0
+    assert (
+        main(
+            [
+                "privacy",
+                "--noise-multiplier",
+                "19.3",
+                "--rounds",
+                "20",
+                "--sample-rate",
+                "1",
+                "--delta",
+                "3e-6",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["epsilon"] == pytest.approx(0.997, abs=1e-3)
-    assert main(["privacy", "--noise-multiplier", "3.35", "--rounds", "20", "--sample-rate", "1",
-                 "--delta", "3e-6", "--json"]) == 0
+    assert (
+        main(
+            [
+                "privacy",
+                "--noise-multiplier",
+                "3.35",
+                "--rounds",
+                "20",
+                "--sample-rate",
+                "1",
+                "--delta",
+                "3e-6",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["epsilon"] == pytest.approx(6.96, abs=1e-2)
 
 
 def test_privacy_calibration_prints_a_sigma_that_does_not_overshoot(capsys):
-    assert main(["privacy", "--epsilon", "1", "--rounds", "20", "--sample-rate", "1", "--delta", "3e-6",
-                 "--json"]) == 0
+    assert main(["privacy", "--epsilon", "1", "--rounds", "20", "--sample-rate", "1", "--delta", "3e-6", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["epsilon"] <= 1.0
     assert out["noise_multiplier"] == pytest.approx(19.3, abs=0.2)

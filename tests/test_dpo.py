@@ -37,7 +37,10 @@ def test_sigmoid_loss_matches_hand_computed_values():
 def test_loss_is_ln2_when_policy_equals_reference():
     logps = torch.tensor([-3.0, -7.0])
     losses, _, _ = dpo_sigmoid_loss(
-        policy_chosen_logps=logps, policy_rejected_logps=logps, ref_chosen_logps=logps, ref_rejected_logps=logps,
+        policy_chosen_logps=logps,
+        policy_rejected_logps=logps,
+        ref_chosen_logps=logps,
+        ref_rejected_logps=logps,
         beta=0.01,
     )
     assert losses.tolist() == pytest.approx([math.log(2)] * 2)
@@ -76,15 +79,32 @@ def test_first_step_loss_matches_trl_dpotrainer():
     ours = LoraDPO(copy.deepcopy(base), tok, config=config)
     randomize_lora(ours.policy, seed=1)
     adapter = {k: v.clone() for k, v in ours.state_dict()["adapter"].items()}
-    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules="all-linear",
-                      task_type="CAUSAL_LM")
-    args = DPOConfig(
-        output_dir="/tmp/popri-trl-test", per_device_train_batch_size=4, learning_rate=1e-3, beta=0.1, max_steps=1,
-        logging_steps=1, bf16=False, use_cpu=True, gradient_checkpointing=False, report_to="none",
-        save_strategy="no", lr_scheduler_type="constant", max_length=None, seed=0,
+    lora = LoraConfig(
+        r=16, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules="all-linear", task_type="CAUSAL_LM"
     )
-    trainer = DPOTrainer(model=copy.deepcopy(base), args=args, train_dataset=Dataset.from_list(
-        [p.to_dict() for p in PAIRS]), processing_class=tok, peft_config=lora)
+    args = DPOConfig(
+        output_dir="/tmp/popri-trl-test",
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        beta=0.1,
+        max_steps=1,
+        logging_steps=1,
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        lr_scheduler_type="constant",
+        max_length=None,
+        seed=0,
+    )
+    trainer = DPOTrainer(
+        model=copy.deepcopy(base),
+        args=args,
+        train_dataset=Dataset.from_list([p.to_dict() for p in PAIRS]),
+        processing_class=tok,
+        peft_config=lora,
+    )
     set_peft_model_state_dict(trainer.model, adapter)
 
     # Execute
@@ -125,8 +145,11 @@ def test_reference_is_the_base_model_with_adapter_disabled():
     # Execute
     ref = dpo.reference_logps(batch)
     with torch.no_grad():
-        expected = sequence_logps(plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                                  batch["input_ids"], batch["completion_mask"])
+        expected = sequence_logps(
+            plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            batch["input_ids"],
+            batch["completion_mask"],
+        )
 
     # Assert
     assert torch.allclose(ref, expected, atol=1e-5)

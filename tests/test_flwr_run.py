@@ -61,12 +61,31 @@ def test_flwr_run_dot_completes_a_round_on_the_simulation_engine(tmp_path, user_
         # Execute
         subprocess.run([FLWR, "config", "list"], env=env, cwd=tmp_path, check=True, capture_output=True)
         run = subprocess.run(
-            [FLWR, "run", str(REPO), "local", "--stream", "-c", overrides,
-             "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900,
+            [
+                FLWR,
+                "run",
+                str(REPO),
+                "local",
+                "--stream",
+                "-c",
+                overrides,
+                "--federation-config",
+                "num-supernodes=2 client-resources-num-cpus=1",
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
-        listing = subprocess.run([FLWR, "ls", "local", "--format", "json"], env=env, cwd=tmp_path,
-                                 capture_output=True, text=True, timeout=120)
+        listing = subprocess.run(
+            [FLWR, "ls", "local", "--format", "json"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         for pid in _pids_with_env("FLWR_HOME", str(home)):
             try:

@@ -72,8 +72,16 @@ def test_batched_sampling_returns_j_per_prompt_and_is_seed_reproducible():
     prompts = ["short prompt\n", "a much longer prompt that needs left padding\n", "third\n"]
 
     def run(seed: int) -> list[str]:
-        return sample_completions(model, tok, prompts, samples_per_prompt=3, max_new_tokens=10, token_budget=8,
-                                  batch_size=2, generator=torch.Generator().manual_seed(seed))
+        return sample_completions(
+            model,
+            tok,
+            prompts,
+            samples_per_prompt=3,
+            max_new_tokens=10,
+            token_budget=8,
+            batch_size=2,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     # Execute
     a, b, c = run(0), run(0), run(1)
@@ -92,8 +100,16 @@ def test_shared_prefill_cache_gives_the_same_logits_as_a_full_forward():
     prompts = ["ab\n", "a longer one\n"]
 
     # Execute
-    sampled = sample_completions(model, tok, prompts, samples_per_prompt=2, max_new_tokens=6, token_budget=64,
-                                 temperature=1e-4, generator=torch.Generator().manual_seed(0))
+    sampled = sample_completions(
+        model,
+        tok,
+        prompts,
+        samples_per_prompt=2,
+        max_new_tokens=6,
+        token_budget=64,
+        temperature=1e-4,
+        generator=torch.Generator().manual_seed(0),
+    )
     expected = []
     for prompt in prompts:
         ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
@@ -124,7 +140,14 @@ def test_packaged_smollm2_writes_readable_completions(tmp_path):
 
     model, tok = load_generator()
     prompt = build_prompt(["To be, or not to be.", "All the world's a stage.", "Now is the winter of our discontent."])
-    out = sample_completions(model, tok, [prompt], samples_per_prompt=2, max_new_tokens=16, token_budget=64,
-                             generator=torch.Generator().manual_seed(0))
+    out = sample_completions(
+        model,
+        tok,
+        [prompt],
+        samples_per_prompt=2,
+        max_new_tokens=16,
+        token_budget=64,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
     assert sum(ch.isalpha() for ch in "".join(out)) > 10

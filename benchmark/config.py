@@ -286,10 +286,10 @@ def preset_config(name: str, **overrides: Any) -> BenchConfig:
                 eval_every=4,
             ),
             corpus=CorpusConfig(
-                samples=24, public_samples=24, max_new_tokens=20, initial_set_size=8, generation_batch_size=16
+                samples=16, public_samples=16, max_new_tokens=20, initial_set_size=8, generation_batch_size=16
             ),
             dpfedavg=DPFedAvgConfig(rounds=2, sample_rate=0.5, local_steps=1, num_nodes=2),
-            pe=PEConfig(rounds=1, population=16, keep=4),
+            pe=PEConfig(rounds=1, population=12, keep=4),
             popri=PopriMethodConfig(
                 rounds=1,
                 prompts=4,

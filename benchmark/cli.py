@@ -15,7 +15,7 @@ import logging
 import sys
 from typing import Any
 
-from benchmark.config import METHODS, PRESETS, BenchConfig, BenchConfigError, preset_config
+from benchmark.config import METHODS, PRESETS, BenchConfig, BenchConfigError, apply_overrides, preset_config
 
 MODES = ("run", "perf")
 
@@ -82,6 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run POPri over an in-process Flower grid (default) or Flower's Ray simulation",
     )
     parser.add_argument("--cache-dir", default=None, help="model and embedding cache (default ~/.cache/popri)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="any other setting, e.g. dpfedavg.rounds=10, pe.population=128, downstream.epochs=8, data.max-users=200",
+    )
     parser.add_argument("--resume", action="store_true", help="keep the rows already in OUTPUT/results.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -141,7 +148,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         top["corpus"] = dataclasses.replace(config.corpus, **corpus)
     if args.popri_backend is not None:
         top["popri"] = dataclasses.replace(config.popri, backend=args.popri_backend)
-    return dataclasses.replace(config, **top)
+    return apply_overrides(dataclasses.replace(config, **top), args.set)
 
 
 def handle(args: argparse.Namespace) -> int:

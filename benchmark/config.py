@@ -324,3 +324,60 @@ def preset_config(name: str, **overrides: Any) -> BenchConfig:
             ),
         )
     return dataclasses.replace(base, **overrides) if overrides else base
+
+
+_SECTIONS = ("downstream", "corpus", "dpfedavg", "pe", "popri", "data")
+
+
+def _coerce(key: str, raw: str, current: Any) -> Any:
+    """``raw`` converted to the type of the field's current value; errors name the key."""
+    try:
+        if isinstance(current, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1")
+        if isinstance(current, int) and not isinstance(current, bool):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if current is None:  # optional numbers (noise-seed)
+            return None if raw.lower() in ("", "none") else int(raw)
+        return raw
+    except ValueError:
+        raise BenchConfigError(
+            f"invalid benchmark key '{key}': expected {type(current).__name__}, got {raw!r}"
+        ) from None
+
+
+def apply_overrides(config: BenchConfig, assignments: list[str]) -> BenchConfig:
+    """``section.key=value`` assignments (kebab or snake case), e.g. ``dpfedavg.rounds=10``, ``data.max-users=200``.
+
+    ``data.*`` applies to every selected data set; top-level keys (``delta=1e-5``) have no section.
+    """
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep:
+            raise BenchConfigError(f"invalid benchmark key '{assignment}': use KEY=VALUE, e.g. dpfedavg.rounds=10")
+        section, dot, name = key.rpartition(".")
+        attr = name.replace("-", "_")
+        if dot and section not in _SECTIONS:
+            raise BenchConfigError(f"invalid benchmark key '{key}': sections are {', '.join(_SECTIONS)}")
+        if section == "data":
+            if attr not in {f.name for f in dataclasses.fields(DataSpec)}:
+                raise BenchConfigError(f"invalid benchmark key '{key}': unknown field")
+            specs = tuple(
+                dataclasses.replace(d, **{attr: _coerce(key, raw, getattr(d, attr))}) for d in config.datasets
+            )
+            config = dataclasses.replace(config, datasets=specs)
+        elif section:
+            part = getattr(config, section)
+            if attr not in {f.name for f in dataclasses.fields(part)} or attr == "extra":
+                raise BenchConfigError(f"invalid benchmark key '{key}': unknown field")
+            new = dataclasses.replace(part, **{attr: _coerce(key, raw, getattr(part, attr))})
+            config = dataclasses.replace(config, **{section: new})
+        else:
+            simple = {"delta", "accountant", "seed", "noise_seed", "output", "cache_dir"}
+            if attr not in simple:
+                raise BenchConfigError(f"invalid benchmark key '{key}': top-level keys are {', '.join(sorted(simple))}")
+            config = dataclasses.replace(config, **{attr: _coerce(key, raw, getattr(config, attr))})
+    return config

@@ -32,9 +32,10 @@ every method here, benchmark model selection outside the accounting.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -362,20 +363,18 @@ def run_dpfedavg(
         client_app,
         {100 + pid: {"partition-id": pid, "num-partitions": config.num_nodes} for pid in range(config.num_nodes)},
     )
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    flwr_logger.setLevel(logging.ERROR)  # Flower logs every round at INFO; our own logger reports the rounds
-    strategy = UserLevelDPFedAvg(
-        num_users=num_users,
-        noise_multiplier=sigma,
-        clip_norm=config.clip_norm,
-        sample_rate=config.sample_rate,
-        server_learning_rate=config.server_learning_rate,
-        ledger=PrivacyLedger(delta=delta, accountant=accountant, target_epsilon=epsilon),
-        user_rng=np.random.default_rng(seed),
-        noise_rng=noise_rng,
-        min_nodes=config.num_nodes,
-    )
+    with _quiet_flower():
+        strategy = UserLevelDPFedAvg(
+            num_users=num_users,
+            noise_multiplier=sigma,
+            clip_norm=config.clip_norm,
+            sample_rate=config.sample_rate,
+            server_learning_rate=config.server_learning_rate,
+            ledger=PrivacyLedger(delta=delta, accountant=accountant, target_epsilon=epsilon),
+            user_rng=np.random.default_rng(seed),
+            noise_rng=noise_rng,
+            min_nodes=config.num_nodes,
+        )
     evaluator = model_factory()
     best: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
@@ -397,21 +396,21 @@ def run_dpfedavg(
         return MetricRecord({"val-accuracy": result.accuracy, "val-cross-entropy": result.cross_entropy})
 
     try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=model_arrays(initial_model),
-            num_rounds=config.rounds,
-            train_config=ConfigRecord(
-                {
-                    "local-steps": config.local_steps,
-                    "local-batch-size": config.local_batch_size,
-                    "local-learning-rate": config.local_learning_rate,
-                }
-            ),
-            evaluate_fn=evaluate_fn,
-        )
+        with _quiet_flower():  # Flower logs every round at INFO; our own logger reports the rounds
+            strategy.start(
+                grid=grid,
+                initial_arrays=model_arrays(initial_model),
+                num_rounds=config.rounds,
+                train_config=ConfigRecord(
+                    {
+                        "local-steps": config.local_steps,
+                        "local-batch-size": config.local_batch_size,
+                        "local-learning-rate": config.local_learning_rate,
+                    }
+                ),
+                evaluate_fn=evaluate_fn,
+            )
     finally:
-        flwr_logger.setLevel(level)
         bar.close()
     model = model_factory()
     load_arrays(model, best["arrays"])
@@ -426,6 +425,18 @@ def run_dpfedavg(
         seconds=time.time() - start,
         history=history,
     )
+
+
+@contextlib.contextmanager
+def _quiet_flower() -> Iterator[None]:
+    """Flower warns at INFO/WARNING about settings this strategy uses on purpose (no federated evaluation)."""
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    flwr_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        flwr_logger.setLevel(level)
 
 
 def _one_user_upload(strategy: UserLevelDPFedAvg) -> int:

@@ -118,6 +118,36 @@ def test_cli_flags_reach_the_config(tmp_path: Path) -> None:
     assert config.seed == 5 and config.popri.backend == "simulation" and config.output == str(tmp_path)
 
 
+def test_cli_set_overrides_any_setting() -> None:
+    args = _parser().parse_args(
+        [
+            "bench",
+            "--set",
+            "dpfedavg.rounds=9",
+            "--set",
+            "data.max-users=200",
+            "--set",
+            "delta=1e-5",
+            "--set",
+            "popri.backend=simulation",
+            "--set",
+            "downstream.dropout=0.0",
+        ]
+    )
+    config = cli.config_from_args(args)
+    assert config.dpfedavg.rounds == 9 and config.datasets[0].max_users == 200 and config.delta == 1e-5
+    assert config.popri.backend == "simulation" and config.downstream.dropout == 0.0
+    for bad, match in [
+        ("dpfedavg.rounds=x", "expected int"),
+        ("dpfedavg.round=3", "unknown field"),
+        ("fedprox.mu=1", "sections are"),
+        ("pe.keep=0", r"'pe\.keep'"),
+        ("rounds", "KEY=VALUE"),
+    ]:
+        with pytest.raises(BenchConfigError, match=match):
+            cli.config_from_args(_parser().parse_args(["bench", "--set", bad]))
+
+
 def test_cli_data_files_for_several_sets() -> None:
     args = _parser().parse_args(["bench", "--dataset", "congress", "biorxiv", "--data-file", "biorxiv=b.json"])
     specs = {d.dataset: d.data_file for d in cli.config_from_args(args).datasets}

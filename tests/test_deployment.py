@@ -32,10 +32,10 @@ from popri.privacy import compute_epsilon
 
 FEDERATION = "popri-test"
 POLL_INTERVAL = 0.1  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL: start the ServerApp / ClientApp processes sooner
-REPLY_TIMEOUT = 35.0  # the round deadline in the node-failure test; a healthy round collects in ~10-15 s here
+REPLY_TIMEOUT = 30.0  # the round deadline in the node-failure test; a healthy round collects in ~10-15 s here
 TINY = {
     "rounds": 2,
-    "prompts": 2,
+    "prompts": 1,  # one preference pair per round: a single DPO step
     "samples-per-prompt": 2,
     "rejected-rank": 1,
     "max-new-tokens": 8,
@@ -343,7 +343,7 @@ def test_two_rounds_finish_when_a_node_is_killed_mid_round_and_it_rejoins(federa
     # Prepare
     output = federation.root / "runs" / "node-killed"
     node2_id = federation.node_ids["node2"]
-    run_id = federation.submit(output, **{"reply-timeout": REPLY_TIMEOUT})
+    run_id = federation.submit(output, **{"reply-timeout": REPLY_TIMEOUT, "final-samples": 0})
 
     # Execute: SIGKILL node2 (SuperNode, SuperExec and the ClientApp scoring round 1), then restart it at once
     _wait_for(lambda: federation.nodes["node2"].clientapps(), 180, "node2 to start scoring round 1")
@@ -381,9 +381,9 @@ def test_server_killed_mid_run_resumes_with_the_same_ledger(federation: Federati
     after_crash = _privacy(output)
     round_one = _rounds(output)
 
-    # Execute: restart the SuperLink on its database (the nodes reconnect by themselves), resume through Flower
+    # Execute: restart the SuperLink on its database and resume through Flower at once (the nodes reconnect by
+    # themselves, with their node ids, while the ServerApp loads; it waits for num-nodes before round 2)
     federation.start_superlink()
-    federation.wait_online(["node1", "node2"])
     resumed_run = federation.submit(output, resume=True)
     status = federation.wait(resumed_run)
 

@@ -13,11 +13,10 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from popri.config import RunConfig, config_from_flat
+from popri.config import RunConfig, config_from_flat, split_run_options
 from popri.embedding import load_embedder
 from popri.node import NodeScorer, load_node_users
 from popri.privacy import make_noise_rng
-from server.app import run_options
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
 
     @app.query("score")
     def score(msg: Message, context: Context) -> Message:
-        flat, _, _ = run_options({**context.run_config, **(overrides or {})})
+        flat, _, _ = split_run_options({**context.run_config, **(overrides or {})})
         config = config_from_flat(flat)
         embeddings = np.asarray(msg.content["embeddings"]["embeddings"].numpy(), dtype=np.float64)
         sample_rate = float(msg.content["config"]["sample-rate"])

@@ -223,6 +223,14 @@ def config_from_flat(flat: dict[str, Any]) -> RunConfig:
     return RunConfig(**sections, **top)
 
 
+def split_run_options(run_config: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
+    """Split a Flower run config into popri's config keys and the run-control flags (resume, progress)."""
+    flat = dict(run_config)
+    resume = str(flat.pop("resume", False)).lower() in ("true", "1")
+    progress = str(flat.pop("progress", False)).lower() in ("true", "1")
+    return flat, resume, progress
+
+
 def config_to_flat(config: RunConfig) -> dict[str, Any]:
     """The inverse of :func:`config_from_flat` (None values are kept as None)."""
     flat: dict[str, Any] = {}

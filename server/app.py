@@ -10,21 +10,15 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from popri.config import config_from_flat
+from popri.config import config_from_flat, split_run_options
 from popri.rounds import NodeReply, PopriRun
 
 logger = logging.getLogger(__name__)
 
+run_options = split_run_options  # Flower's run config -> (popri keys, resume, progress)
+
 MESSAGE_TYPE = "query.score"
 _NODE_WAIT_S = 120.0
-
-
-def run_options(run_config: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
-    """Split Flower's run config into popri's config keys and the run-control flags (resume, progress)."""
-    flat = dict(run_config)
-    resume = str(flat.pop("resume", False)).lower() in ("true", "1")
-    progress = str(flat.pop("progress", False)).lower() in ("true", "1")
-    return flat, resume, progress
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float = _NODE_WAIT_S) -> list[int]:

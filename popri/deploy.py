@@ -104,13 +104,26 @@ def executable(name: str) -> str:
     return found
 
 
+def _quote(arg: str) -> str:
+    """Shell quoting that stays readable for ``key='value'`` arguments (double quotes when that is safe)."""
+    quoted = shlex.quote(arg)
+    if quoted != arg and "'" in arg and not any(c in arg for c in '"$`\\!'):
+        return f'"{arg}"'
+    return quoted
+
+
 def shell_line(argv: Sequence[str], env: Mapping[str, str] | None = None) -> str:
     """``argv`` as one copy-pasteable shell line, prefixed by the variables that differ from ``os.environ``."""
-    prefix = ""
-    if env is not None:
-        changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
-        prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in sorted(changed.items()))
-    return prefix + " ".join(shlex.quote(str(a)) for a in argv)
+    prefix = []
+    path = os.environ.get("PATH", "")
+    for key, value in sorted((env or {}).items()):
+        if os.environ.get(key) == value:
+            continue
+        if key == "PATH" and path and value.endswith(os.pathsep + path) and '"' not in value:
+            prefix.append(f'PATH="{value[: -len(path)]}$PATH"')  # flower_env put the venv's bin first
+        else:
+            prefix.append(f"{key}={_quote(value)}")
+    return " ".join([*prefix, *(_quote(str(a)) for a in argv)])
 
 
 # -- certificates and keys ---------------------------------------------------------------------------------------

@@ -86,21 +86,24 @@ def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
 
 
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM then SIGKILL every process group of every process tree we started."""
+    """SIGTERM, then SIGKILL, the process trees we started: each group led by one of our processes, then each
+    process by id (``psutil`` objects notice a reused id, so nobody else's process is touched)."""
     import psutil
 
-    groups: set[int] = set()
+    members: dict[int, psutil.Process] = {}
     for proc in procs:
         try:
-            for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-                groups.add(os.getpgid(p.pid))
-        except (psutil.NoSuchProcess, ProcessLookupError):
+            root = psutil.Process(proc.pid)
+            members.update({p.pid: p for p in [root, *root.children(recursive=True)]})
+        except psutil.NoSuchProcess:
             pass
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for group in groups:
+        for member in [m for m in members.values() if m.is_running()]:
             try:
-                os.killpg(group, sig)
-            except ProcessLookupError:
+                if os.getpgid(member.pid) == member.pid:
+                    os.killpg(member.pid, sig)
+                member.send_signal(sig)
+            except (ProcessLookupError, psutil.NoSuchProcess):
                 pass
         time.sleep(3)
 

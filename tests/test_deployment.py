@@ -72,21 +72,6 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _kill_tree(pid: int, sig: int) -> None:
-    """Send ``sig`` to every process group in the tree of ``pid`` (collected first: children outlive parents)."""
-    groups = set()
-    for proc in _tree(pid):
-        try:
-            groups.add(os.getpgid(proc.pid))
-        except ProcessLookupError:
-            pass
-    for group in groups:
-        try:
-            os.killpg(group, sig)
-        except ProcessLookupError:
-            pass
-
-
 @dataclass
 class Service:
     """A Flower process started by the test, in its own session, logging to a file."""
@@ -96,58 +81,50 @@ class Service:
     env: dict[str, str]
     log: Path
     proc: subprocess.Popen[bytes] | None = None
-    groups: set[int] = field(default_factory=set)
+    members: dict[int, psutil.Process] = field(default_factory=dict)  # every process of the tree seen so far
 
     def start(self) -> Service:
         with self.log.open("ab") as fh:
             self.proc = subprocess.Popen(
                 self.argv, env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
             )
-        self.groups.add(self.proc.pid)
         return self
 
-    def remember_groups(self) -> None:
-        """Note the process groups of the tree now (the teardown needs them after the parent is gone)."""
+    def _signal(self, sig: int) -> None:
+        """Send ``sig`` to the process groups led by processes of this tree, then to each of them by id.
+
+        Members are remembered as ``psutil.Process`` objects, which notice a reused process id, so a process that
+        is gone is never mistaken for someone else's; a SuperExec (own session) is reached through the tree.
+        """
         if self.proc is not None:
-            for proc in _tree(self.proc.pid):
-                try:
-                    self.groups.add(os.getpgid(proc.pid))
-                except ProcessLookupError:
-                    pass
+            self.members.update({p.pid: p for p in _tree(self.proc.pid)})
+        live = [p for p in self.members.values() if p.is_running()]
+        for proc in live:
+            try:
+                if os.getpgid(proc.pid) == proc.pid:  # a group leader: its whole group is ours
+                    os.killpg(proc.pid, sig)
+                proc.send_signal(sig)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                pass
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Kill the whole tree (SuperLink + SuperExec + ServerApp, or SuperNode + SuperExec + ClientApp)."""
         assert self.proc is not None
-        self.remember_groups()
-        _kill_tree(self.proc.pid, sig)
-        for group in self.groups:
-            try:
-                os.killpg(group, sig)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        self._signal(sig)
+        self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL whatever is left of every process group this service ever had."""
+        """SIGTERM (children that watch their parent then exit on their own), then SIGKILL whatever is left."""
         if self.proc is None:
             return
-        self.remember_groups()
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for group in self.groups:
-                try:
-                    os.killpg(group, sig)
-                except ProcessLookupError:
-                    pass
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                continue
-            if sig == signal.SIGTERM:
-                time.sleep(0.5)  # let the children that watch their parent go on their own
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=5)
+            time.sleep(0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
 
     def clientapps(self) -> list[psutil.Process]:
         """Live ``flwr-clientapp`` processes under this SuperNode (one per message it is handling)."""

@@ -97,10 +97,6 @@ class Prepared:
     base_model: Any = None  # the public-only starting point of every method
     extras: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def train_sequences(self) -> list[list[int]]:
-        return [s for user in self.user_sequences for s in user]
-
 
 class Benchmark:
     """Runs a :class:`BenchConfig`; ``assets`` can be injected (tests build tiny ones)."""
@@ -242,24 +238,28 @@ class Benchmark:
 
     # -- methods -------------------------------------------------------------------------------------------------
 
-    def _public_corpus(self, prep: Prepared) -> tuple[list[str], list[str]]:
-        """Samples of the untuned generator from the public initial set: (pretraining part, eps0 fine-tuning part)."""
+    def _public_corpus(self, prep: Prepared) -> tuple[list[str], list[str], float]:
+        """Samples of the untuned generator from the public initial set: (pretraining part, eps0 fine-tuning part,
+        seconds it took to write them, also when a resumed run reuses them)."""
         path = prep.folder / "public.jsonl"
         n_base, n_ft = self.config.corpus.public_samples, self.config.corpus.samples
         corpus = read_corpus(path) if self.config.resume and path.exists() else []
-        if len(corpus) != n_base + n_ft:
-            gen = self._gen(prep)
-            corpus = generate_from_examples(
-                gen,
-                initial_set(gen, seed=self.config.seed, progress=self.config.progress),
-                count=n_base + n_ft,
-                rng=np.random.default_rng([self.config.seed, 10]),
-                generator=torch.Generator().manual_seed(self.config.seed + 10),
-                progress=self.config.progress,
-                desc="public corpus",
-            )
-            write_corpus(corpus, path)
-        return corpus[:n_base], corpus[n_base:]
+        if len(corpus) == n_base + n_ft:
+            return corpus[:n_base], corpus[n_base:], _read_seconds(path)
+        start = time.time()
+        gen = self._gen(prep)
+        corpus = generate_from_examples(
+            gen,
+            initial_set(gen, seed=self.config.seed, progress=self.config.progress),
+            count=n_base + n_ft,
+            rng=np.random.default_rng([self.config.seed, 10]),
+            generator=torch.Generator().manual_seed(self.config.seed + 10),
+            progress=self.config.progress,
+            desc="public corpus",
+        )
+        write_corpus(corpus, path)
+        _write_seconds(path, time.time() - start)
+        return corpus[:n_base], corpus[n_base:], 0.0  # the time is already inside the caller's clock
 
     def run_eps0(self, prep: Prepared) -> None:
         """The public base model (everyone's starting point) and the ε=0 reference.
@@ -278,7 +278,8 @@ class Benchmark:
             base.load_state_dict(torch.load(base_path, weights_only=True, map_location="cpu"))
             prep.base_model = base
             return
-        pretrain, finetune = self._public_corpus(prep)
+        pretrain, finetune, reused_seconds = self._public_corpus(prep)
+        start -= reused_seconds  # wall time counts the corpus even when a resumed run reuses it
         sequences = encode_texts(
             pretrain, self.assets.tokenizer, token_budget=prep.spec.token_budget, special=prep.special
         )
@@ -444,6 +445,7 @@ class Benchmark:
         output = prep.folder / f"popri-eps{epsilon:g}"
         if self.config.resume and (output / "synthetic.jsonl").exists() and (output / "privacy.json").exists():
             result = _reuse_popri(output, self.config, self.assets)
+            start -= _read_seconds(output / "synthetic.jsonl")  # the run itself happened in an earlier invocation
         else:
             if output.exists():
                 import shutil
@@ -458,6 +460,7 @@ class Benchmark:
                 instruction=prep.instruction,
                 embedding_dim=embedding_dimension(self.assets.embedder),
             )
+            _write_seconds(output / "synthetic.jsonl", result.seconds)
         model, trained = self._finetune(prep, result.corpus, f"popri eps={epsilon:g}")
         self._record(
             prep.splits.name,
@@ -515,6 +518,20 @@ class Benchmark:
         return self.results
 
 
+def _write_seconds(artifact: Path, seconds: float) -> None:
+    """Remember how long an artifact took, so a resumed run still reports honest wall seconds."""
+    import json
+
+    artifact.with_name(artifact.name + ".seconds.json").write_text(json.dumps({"seconds": seconds}) + "\n")
+
+
+def _read_seconds(artifact: Path) -> float:
+    import json
+
+    path = artifact.with_name(artifact.name + ".seconds.json")
+    return float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
+
+
 def embedding_dimension(embedder: Any) -> int:
     """The embedder's output size (sentence-transformers renamed the method in 6.x)."""
     getter = getattr(embedder, "get_embedding_dimension", None) or embedder.get_sentence_embedding_dimension
@@ -540,7 +557,7 @@ def _reuse_popri(output: Path, config: BenchConfig, assets: Assets) -> Any:
         rounds=int(privacy.get("rounds_completed", config.popri.rounds)),
         bytes_down_per_client_round=down,
         bytes_up_per_client_round=up,
-        seconds=0.0,
+        seconds=0.0,  # the caller adds the time recorded when the run was made
         output=output,
     )
 

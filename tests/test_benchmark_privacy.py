@@ -161,3 +161,42 @@ def test_noise_scale_matches_flower_dp_wrapper_with_one_user_per_node() -> None:
     arrays, _ = strategy.aggregate_train(1, [])
     assert arrays is not None
     assert arrays["w"].numpy().std() == pytest.approx(compute_stdv(sigma, clip, n), rel=0.01)
+
+
+def test_client_returns_the_sum_of_its_users_clipped_updates() -> None:
+    # Prepare: one node holding users 0, 2 and 4 (round-robin of 6 users over 2 nodes); users 0 and 4 are sampled.
+    from flwr.app import Context
+
+    from benchmark.config import DownstreamConfig
+    from benchmark.downstream import SpecialIds, build_model
+    from benchmark.dpfedavg import NodeData, make_client_app, model_arrays
+
+    set_task_identity()
+    special = SpecialIds(bos=0, eos=9, pad=9, vocab_size=10)
+    factory = lambda: build_model(DownstreamConfig(n_embd=8, n_layer=1, n_head=2), special, max_positions=8, seed=0)  # noqa: E731
+    texts = {u: [[0, 1 + u % 5, 2, 9], [0, 3, 9]] for u in (0, 2, 4)}
+    app = make_client_app(lambda ctx: NodeData(user_ids=np.array([0, 2, 4]), sequences=texts), factory, pad=9, seed=0)
+    arrays = model_arrays(factory())
+    config = ConfigRecord(
+        {
+            "sampled-users": [0, 1, 4],
+            "clip-norm": 0.01,
+            "server-round": 1,
+            "local-steps": 2,
+            "local-batch-size": 2,
+            "local-learning-rate": 1.0,
+        }
+    )
+    msg = Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=101, message_type="train")
+    ctx = Context(run_id=1, node_id=101, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+
+    # Execute
+    reply = app(msg, ctx)
+
+    # Assert: it trained exactly its sampled users; the sum of 2 updates clipped to 0.01 has norm <= 0.02.
+    assert list(reply.content["metrics"]["users"]) == [0, 4]
+    update = reply.content["arrays"].to_numpy_ndarrays()
+    assert 0 < l2_norm(update) <= 0.02 + 1e-6
+    # an update (θ_u − θ summed), not weights: same parameters, tiny norm compared with θ itself
+    assert list(reply.content["arrays"].keys()) == list(arrays.keys())
+    assert l2_norm(arrays.to_numpy_ndarrays()) > 100 * l2_norm(update)

@@ -7,6 +7,7 @@ clipped sum. The Flower ServerApp passes a function that sends messages; tests m
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -214,6 +215,7 @@ class PopriRun:
             desc=desc,
         )
         del sampler
+        gc.collect()  # the merged copy holds a full set of weights: free it before DPO allocates
         return prompts, samples
 
     def run_round(self, t: int, collect: Collect) -> dict[str, Any]:

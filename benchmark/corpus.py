@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,59 @@ def generate_from_examples(
     if len(samples) < count:
         logger.warning("%s: only %d of %d samples are non-empty", desc, len(samples), count)
     return samples[:count]
+
+
+def generate_corpus_resumable(
+    gen: Generator,
+    examples: list[str],
+    *,
+    count: int,
+    seed: int,
+    path: Path,
+    chunk: int = 64,
+    progress: bool = False,
+    desc: str = "corpus",
+) -> list[str]:
+    """``count`` samples written to ``path`` chunk by chunk, so an interrupted run continues where it stopped.
+
+    Chunk i uses its own seeds (``[seed, i]``), so the corpus is the same whether or not the run was interrupted.
+    The partial file is ``path`` + ``.partial``; it becomes ``path`` when complete. The seconds spent, over all
+    invocations, are kept beside it (:func:`read_seconds`).
+    """
+    partial = path.with_name(path.name + ".partial")
+    done = read_corpus(partial) if partial.exists() else []
+    done = done[: (len(done) // chunk) * chunk]  # a half-written chunk is redone
+    earlier, start = read_seconds(partial), time.time()
+    while len(done) < count:
+        i = len(done) // chunk
+        want = min(chunk, count - len(done))
+        done += generate_from_examples(
+            gen,
+            examples,
+            count=want,
+            rng=np.random.default_rng([seed, i]),
+            generator=torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0])),
+            progress=progress,
+            desc=f"{desc} {len(done)}/{count}",
+        )
+        write_corpus(done, partial)
+        write_seconds(partial, earlier + time.time() - start)
+    write_corpus(done, path)
+    write_seconds(path, earlier + time.time() - start)
+    partial.unlink(missing_ok=True)
+    partial.with_name(partial.name + ".seconds.json").unlink(missing_ok=True)
+    return done
+
+
+def write_seconds(artifact: Path, seconds: float) -> None:
+    """Remember how long an artifact took, so a resumed run still reports honest wall seconds."""
+    artifact.parent.mkdir(parents=True, exist_ok=True)
+    artifact.with_name(artifact.name + ".seconds.json").write_text(json.dumps({"seconds": seconds}) + "\n")
+
+
+def read_seconds(artifact: Path) -> float:
+    path = artifact.with_name(artifact.name + ".seconds.json")
+    return float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
 
 
 def write_corpus(texts: list[str], path: Path) -> Path:

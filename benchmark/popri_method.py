@@ -64,13 +64,13 @@ def popri_flat_config(
     return flat
 
 
-def _run_inprocess(flat: dict[str, Any], *, num_nodes: int, progress: bool) -> None:
+def _run_inprocess(flat: dict[str, Any], *, num_nodes: int, progress: bool, resume: bool) -> None:
     from flwr.app import Context, RecordDict
 
     from client.app import make_client_app
     from server.app import make_server_app
 
-    overrides = {**flat, "progress": progress}
+    overrides = {**flat, "progress": progress, "resume": resume}
     errors: list[BaseException] = []
     grid = InProcessGrid(
         make_client_app(overrides),
@@ -82,7 +82,7 @@ def _run_inprocess(flat: dict[str, Any], *, num_nodes: int, progress: bool) -> N
         raise errors[0]
 
 
-def _run_simulation(flat: dict[str, Any], *, progress: bool) -> None:
+def _run_simulation(flat: dict[str, Any], *, progress: bool, resume: bool) -> None:
     from popri.config import config_from_flat
 
     config = config_from_flat(flat)
@@ -90,10 +90,7 @@ def _run_simulation(flat: dict[str, Any], *, progress: bool) -> None:
         from popri.runner import run_simulation  # type: ignore[import-not-found]
     except ImportError:
         from server.simulation import run_simulation
-    try:
-        run_simulation(config, progress=progress)
-    except TypeError:  # an entry point without the progress flag
-        run_simulation(config)
+    run_simulation(config, resume=resume, progress=progress)
 
 
 @dataclass
@@ -127,8 +124,13 @@ def run_popri_method(
     output: Path,
     instruction: str,
     embedding_dim: int,
+    resume: bool = False,
 ) -> PopriResult:
-    """One popri run at ``epsilon``; returns its final corpus and its ledger's ε."""
+    """One popri run at ``epsilon``; returns its final corpus and its ledger's ε.
+
+    ``resume`` continues an interrupted run in ``output`` from its last checkpoint (popri's own resume: the privacy
+    ledger continues, it never recounts).
+    """
     backend = bench.popri.backend
     if backend not in BACKENDS:
         raise ValueError(f"unknown popri backend {backend!r}; use {', '.join(BACKENDS)}")
@@ -138,9 +140,9 @@ def run_popri_method(
     )
     logger.info("POPri run at epsilon=%g -> %s (%s)", epsilon, output, backend)
     if backend == "inprocess":
-        _run_inprocess(flat, num_nodes=bench.popri.num_nodes, progress=bench.progress)
+        _run_inprocess(flat, num_nodes=bench.popri.num_nodes, progress=bench.progress, resume=resume)
     else:
-        _run_simulation(flat, progress=bench.progress)
+        _run_simulation(flat, progress=bench.progress, resume=resume)
     privacy = json.loads((output / "privacy.json").read_text())
     corpus = read_corpus(output / "synthetic.jsonl")
     down, up = client_bytes_per_round(

@@ -32,7 +32,15 @@ from tqdm.auto import tqdm
 
 from benchmark import report
 from benchmark.config import BenchConfig, DataSpec
-from benchmark.corpus import Generator, generate_from_examples, initial_set, read_corpus, write_corpus
+from benchmark.corpus import (
+    Generator,
+    generate_corpus_resumable,
+    initial_set,
+    read_corpus,
+    read_seconds,
+    write_corpus,
+    write_seconds,
+)
 from benchmark.datasets import Splits, default_instruction, load_splits, write_user_jsonl
 from benchmark.downstream import (
     EvalResult,
@@ -245,21 +253,22 @@ class Benchmark:
         n_base, n_ft = self.config.corpus.public_samples, self.config.corpus.samples
         corpus = read_corpus(path) if self.config.resume and path.exists() else []
         if len(corpus) == n_base + n_ft:
-            return corpus[:n_base], corpus[n_base:], _read_seconds(path)
-        start = time.time()
+            return corpus[:n_base], corpus[n_base:], read_seconds(path)
+        if not self.config.resume:  # a fresh run never continues an earlier partial corpus
+            for stale in (path.with_name(path.name + ".partial"), path.with_name(path.name + ".partial.seconds.json")):
+                stale.unlink(missing_ok=True)
         gen = self._gen(prep)
-        corpus = generate_from_examples(
+        before = read_seconds(path.with_name(path.name + ".partial"))
+        corpus = generate_corpus_resumable(
             gen,
             initial_set(gen, seed=self.config.seed, progress=self.config.progress),
             count=n_base + n_ft,
-            rng=np.random.default_rng([self.config.seed, 10]),
-            generator=torch.Generator().manual_seed(self.config.seed + 10),
+            seed=self.config.seed + 10,
+            path=path,
             progress=self.config.progress,
             desc="public corpus",
         )
-        write_corpus(corpus, path)
-        _write_seconds(path, time.time() - start)
-        return corpus[:n_base], corpus[n_base:], 0.0  # the time is already inside the caller's clock
+        return corpus[:n_base], corpus[n_base:], before  # earlier invocations' share; this one is on the clock
 
     def run_eps0(self, prep: Prepared) -> None:
         """The public base model (everyone's starting point) and the ε=0 reference.
@@ -445,12 +454,13 @@ class Benchmark:
         output = prep.folder / f"popri-eps{epsilon:g}"
         if self.config.resume and (output / "synthetic.jsonl").exists() and (output / "privacy.json").exists():
             result = _reuse_popri(output, self.config, self.assets)
-            start -= _read_seconds(output / "synthetic.jsonl")  # the run itself happened in an earlier invocation
+            start -= read_seconds(output / "synthetic.jsonl")  # the run itself happened in an earlier invocation
         else:
-            if output.exists():
+            interrupted = self.config.resume and (output / "config.json").exists()
+            if output.exists() and not interrupted:
                 import shutil
 
-                shutil.rmtree(output)  # a partial run of an earlier invocation (popri refuses to overwrite a run)
+                shutil.rmtree(output)  # a run of an earlier invocation (popri refuses to overwrite a run)
             result = run_popri_method(
                 self.config,
                 prep.spec,
@@ -459,8 +469,9 @@ class Benchmark:
                 output=output,
                 instruction=prep.instruction,
                 embedding_dim=embedding_dimension(self.assets.embedder),
+                resume=interrupted,
             )
-            _write_seconds(output / "synthetic.jsonl", result.seconds)
+            write_seconds(output / "synthetic.jsonl", result.seconds)
         model, trained = self._finetune(prep, result.corpus, f"popri eps={epsilon:g}")
         self._record(
             prep.splits.name,
@@ -516,20 +527,6 @@ class Benchmark:
             bar.close()
         report.write_all(self.out, self.results)
         return self.results
-
-
-def _write_seconds(artifact: Path, seconds: float) -> None:
-    """Remember how long an artifact took, so a resumed run still reports honest wall seconds."""
-    import json
-
-    artifact.with_name(artifact.name + ".seconds.json").write_text(json.dumps({"seconds": seconds}) + "\n")
-
-
-def _read_seconds(artifact: Path) -> float:
-    import json
-
-    path = artifact.with_name(artifact.name + ".seconds.json")
-    return float(json.loads(path.read_text())["seconds"]) if path.exists() else 0.0
 
 
 def embedding_dimension(embedder: Any) -> int:

@@ -90,6 +90,29 @@ def test_every_method_end_to_end_on_tiny_models(tiny_model_dir: Path, tmp_path: 
     assert rerun == {key: row["wall_seconds"] for key, row in rows.items()}
 
 
+def test_public_corpus_resumes_where_it_stopped(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare: the tiny generator, and a run "interrupted" after 2 chunks of 2 samples.
+    from benchmark.corpus import Generator, generate_corpus_resumable, read_seconds
+    from popri.assets import load_generator
+
+    model, tokenizer = load_generator(str(tiny_model_dir))
+    gen = Generator(model, tokenizer, CorpusConfig(generator=str(tiny_model_dir), max_new_tokens=8), 16, "Say hi.")
+    examples = ["first example text", "second example text", "third example text"]
+    kwargs = {"count": 5, "seed": 3, "chunk": 2}
+    whole = generate_corpus_resumable(gen, examples, path=tmp_path / "whole.jsonl", **kwargs)
+    part = generate_corpus_resumable(gen, examples, path=tmp_path / "cut.jsonl", **{**kwargs, "count": 4})
+    (tmp_path / "cut.jsonl").rename(tmp_path / "cut.jsonl.partial")
+    (tmp_path / "cut.jsonl.seconds.json").rename(tmp_path / "cut.jsonl.partial.seconds.json")
+
+    # Execute: the resumed run makes only the missing chunk.
+    resumed = generate_corpus_resumable(gen, examples, path=tmp_path / "cut.jsonl", **kwargs)
+
+    # Assert: the same corpus as an uninterrupted run, the partial file gone, the time of both invocations kept.
+    assert resumed == whole and resumed[:4] == part and len(whole) == 5
+    assert not (tmp_path / "cut.jsonl.partial").exists()
+    assert read_seconds(tmp_path / "cut.jsonl") > 0
+
+
 @pytest.mark.slow
 def test_quick_preset_on_the_real_models(tmp_path: Path) -> None:
     """The CI check of the real pipeline: SmolLM2, MiniLM and Shakespeare, every method, two ε (~3 min on 2 cores)."""

@@ -105,23 +105,40 @@ class PerfAssets:
     gguf_path: Path | None = None  # the same weights for llama.cpp, when available
     cache_users: UserData | None = None  # private users for the cache check
     round_data: str = "shakespeare"  # DataConfig.data of the round
+    initial_set: list[str] | None = None  # the public initial set the prompts draw from (None: fixed lines)
     description: str = ""
 
 
 def load_default_assets(*, cache_dir: Path | None, cache_users: int, seed: int) -> PerfAssets:
     """SmolLM2-135M-Instruct (float32, best device), all-MiniLM-L6-v2 and Shakespeare users, all packaged."""
     from popri.assets import load_generator, smollm2_gguf_path
+    from popri.config import GenerationConfig, RunConfig
     from popri.data import load_user_data
     from popri.embedding import load_embedder
+    from popri.generation import make_initial_set
 
     model, tokenizer = load_generator(cache_dir=cache_dir, dtype=torch.float32)
     users = load_user_data("shakespeare", max_users=cache_users, seed=seed)
+    g = GenerationConfig()
+    # The initial set a default run uses (same key, so a run's cached set is reused; else made as a run makes it).
+    initial_set = make_initial_set(
+        copy.deepcopy(model).to(torch.bfloat16),
+        tokenizer,
+        instruction=g.initial_instruction,
+        size=g.initial_set_size,
+        max_new_tokens=g.max_new_tokens,
+        token_budget=g.token_budget,
+        seed=seed,
+        cache_dir=cache_dir or RunConfig().resolved_cache_dir(),
+        model_id=g.model,
+    )
     return PerfAssets(
         model=model,
         tokenizer=tokenizer,
         embedder=load_embedder(),
         gguf_path=smollm2_gguf_path(),
         cache_users=users,
+        initial_set=initial_set,
         description="SmolLM2-135M-Instruct (packaged GGUF, dequantized), all-MiniLM-L6-v2, Shakespeare",
     )
 
@@ -372,6 +389,9 @@ def bench_generation(
     common = {
         "samples": n_samples,
         "prompts": len(prompts),
+        "prompt_tokens_mean": round(
+            float(np.mean([len(i) for i in tok(prompts, add_special_tokens=False)["input_ids"]])), 1
+        ),
         "samples_per_prompt": sizes.samples_per_prompt,
         "max_new_tokens": sizes.max_new_tokens,
         "parameters": params,
@@ -796,10 +816,10 @@ def _cpu_model() -> str:
 
 
 def _prompts(assets: PerfAssets, sizes: PerfSizes, *, seed: int) -> list[str]:
-    """K prompts of the paper's template filled from a public, fixed set of lines (no model call needed)."""
+    """K prompts of the paper's template filled from the run's initial set, or from fixed lines (tiny models)."""
     from popri.generation import build_prompts
 
-    lines = [
+    lines = assets.initial_set or [
         "Good morrow to you, friend; what news from the town?",
         "I will not stay the night, for the roads are long and cold.",
         "Speak softly, the king is sleeping in the next room.",
@@ -809,7 +829,10 @@ def _prompts(assets: PerfAssets, sizes: PerfSizes, *, seed: int) -> list[str]:
         "The harvest failed and the people cry for bread.",
         "Let us be merry while the candles burn.",
     ]
-    return build_prompts(lines, num_prompts=sizes.prompts, rng=np.random.default_rng([seed, 11]))
+    prompts = build_prompts(lines, num_prompts=sizes.prompts, rng=np.random.default_rng([seed, 11]))
+    lengths = [len(ids) for ids in assets.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    logger.info("%d prompts of %.0f tokens on average", len(prompts), float(np.mean(lengths)))
+    return prompts
 
 
 @contextlib.contextmanager
@@ -1071,7 +1094,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         if row["name"].startswith("generation") and "popri_detail" in row:
             p, q = row["popri_detail"], row["peer_detail"]
             notes.append(
-                f"- {row['name']}: {row['samples']} samples ({row['prompts']} prompts x {row['samples_per_prompt']}), "
+                f"- {row['name']}: {row['samples']} samples ({row['prompts']} prompts of "
+                f"{row.get('prompt_tokens_mean', '?')} tokens x {row['samples_per_prompt']}), "
                 f"<= {row['max_new_tokens']} new tokens. popri {p['tokens_per_s']} tokens/s "
                 f"({p['tokens_per_sample']} tokens/sample kept; {100 * p['fraction_of_fp32_peak']:.1f} % of the fp32 "
                 f"matmul peak, {100 * p.get('fraction_of_bf16_peak', 0):.1f} % of the bf16 one); peer "

@@ -42,7 +42,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _as_float(value: Any) -> float:
+def as_float(value: Any) -> float:
     return math.inf if value == "inf" else float(value)
 
 
@@ -108,7 +108,7 @@ def _pct(x: float | None, digits: int = 2) -> str:
 
 
 def _eps_label(eps: Any) -> str:
-    value = _as_float(eps)
+    value = as_float(eps)
     return "∞" if math.isinf(value) else f"{value:g}"
 
 
@@ -152,7 +152,7 @@ def markdown_table(results: dict[str, Any]) -> str:
                 )
             )
             lines.append("")
-        private_eps = sorted({_as_float(r["epsilon"]) for r in rows if r["method"] not in ("eps0", "epsinf")})
+        private_eps = sorted({as_float(r["epsilon"]) for r in rows if r["method"] not in ("eps0", "epsinf")})
         columns = ["ε=0", *[f"ε={e:g}" for e in private_eps], "ε=∞"]
         lines.append("| method | " + " | ".join(columns) + " |")
         lines.append("|---" * (len(columns) + 1) + "|")
@@ -221,10 +221,10 @@ def plot_privacy_utility(path: Path, results: dict[str, Any]) -> None:
             if ref is not None:
                 ax.axhline(100 * ref["accuracy"], linestyle=style, color="grey", label=METHOD_LABELS[method])
         for method in ("dpfedavg", "pe", "popri"):
-            pts = sorted((_as_float(r["epsilon"]), 100 * r["accuracy"]) for r in rows if r["method"] == method)
+            pts = sorted((as_float(r["epsilon"]), 100 * r["accuracy"]) for r in rows if r["method"] == method)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=METHOD_LABELS[method])
-        eps = sorted({_as_float(r["epsilon"]) for r in rows if r["method"] in ("dpfedavg", "pe", "popri")})
+        eps = sorted({as_float(r["epsilon"]) for r in rows if r["method"] in ("dpfedavg", "pe", "popri")})
         if len(eps) > 1 and eps[0] > 0 and eps[-1] / eps[0] >= 5:
             ax.set_xscale("log")
         if eps:

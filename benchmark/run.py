@@ -150,7 +150,7 @@ class Benchmark:
 
     def _done(self, name: str, method: str, epsilon: float) -> dict[str, Any] | None:
         for row in self._rows(name):
-            if row["method"] == method and report._as_float(row["epsilon"]) == epsilon:
+            if row["method"] == method and report.as_float(row["epsilon"]) == epsilon:
                 return row
         return None
 

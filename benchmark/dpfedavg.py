@@ -4,7 +4,8 @@ Mechanism (McMahan, Ramage, Talwar, Zhang 2018, "Learning Differentially Private
 Alg. 1 with the fixed-denominator estimator), one round:
 
 1. The server Poisson-samples users with rate q (``popri.privacy.poisson_sample``; the sampling the accountant
-   analyses) and sends the global model θ and the sampled ids to every node.
+   analyses; drawn from a CSPRNG-seeded generator, since amplification by sampling needs the sample to be secret)
+   and sends the global model θ and the sampled ids to every node.
 2. A node holds a round-robin group of users (``popri.data.partition_users``). For each sampled user u it owns it
    runs ``local-steps`` SGD steps from θ on u's texts, takes ``Δ_u = θ_u − θ`` over all parameters, clips it,
    ``Δ̄_u = Δ_u · min(1, C / ||Δ_u||_2)``, and replies with ``S_k = Σ_{u ∈ node k} Δ̄_u`` and the ids it trained.
@@ -330,11 +331,14 @@ def run_dpfedavg(
     pad: int,
     seed: int,
     noise_rng: np.random.Generator,
+    sampling_rng: np.random.Generator,
     progress: bool = False,
 ) -> DPFedAvgResult:
     """Run DP-FedAvg at (ε, δ) from ``initial_model`` on Flower (in-process grid), keep the best validation round.
 
-    ``user_sequences[u]`` holds user u's encoded private texts. ``evaluate_validation(model)`` returns an object with
+    ``user_sequences[u]`` holds user u's encoded private texts. ``sampling_rng`` draws the Poisson sample of users:
+    like the noise it must be unpredictable (CSPRNG-seeded) for the sampling amplification to hold, unless the user
+    asked for reproducible runs. ``evaluate_validation(model)`` returns an object with
     ``accuracy`` and ``cross_entropy`` (a :class:`benchmark.downstream.EvalResult`).
     """
     start = time.time()
@@ -371,7 +375,7 @@ def run_dpfedavg(
             sample_rate=config.sample_rate,
             server_learning_rate=config.server_learning_rate,
             ledger=PrivacyLedger(delta=delta, accountant=accountant, target_epsilon=epsilon),
-            user_rng=np.random.default_rng(seed),
+            user_rng=sampling_rng,
             noise_rng=noise_rng,
             min_nodes=config.num_nodes,
         )

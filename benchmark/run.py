@@ -131,6 +131,8 @@ class Benchmark:
         from popri.privacy import make_noise_rng
 
         self.noise_rng, self.noise_seeded = make_noise_rng(config.noise_seed)
+        # DP-FedAvg's user sampling must be as unpredictable as the noise (or as reproducible, when asked for).
+        self.sampling_rng, _ = make_noise_rng(None if config.noise_seed is None else config.noise_seed + 7919)
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
@@ -371,6 +373,7 @@ class Benchmark:
             pad=prep.special.pad,
             seed=self.config.seed,
             noise_rng=self.noise_rng,
+            sampling_rng=self.sampling_rng,
             progress=self.config.progress,
         )
         self._record(

@@ -19,10 +19,11 @@ padding positions would waste it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,9 +105,19 @@ def build_model(config: DownstreamConfig, special: SpecialIds, *, max_positions:
         eos_token_id=special.eos,
         pad_token_id=special.pad,
     )
-    with torch.random.fork_rng(devices=[]):  # seeded init; the caller's global generator is restored afterwards
-        torch.manual_seed(seed)
+    with seeded_torch(torch.Generator().manual_seed(seed)):  # the caller's global generator is restored afterwards
         return GPT2LMHeadModel(gpt2)
+
+
+@contextlib.contextmanager
+def seeded_torch(generator: torch.Generator) -> Iterator[None]:
+    """Run a block (dropout, init) on torch's global RNG seeded from ``generator``, and restore the global state after:
+    results depend only on the explicit generator, and nothing else's randomness is disturbed."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        torch.manual_seed(seed)
+        yield
 
 
 def num_parameters(model: Any) -> int:
@@ -207,27 +218,28 @@ def train(
     history: list[dict[str, float | int]] = []
     step = 0
     bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", leave=False)
-    while step < total:
-        order = torch.randperm(len(train_sequences), generator=generator).tolist()
-        for start in range(0, len(order), config.batch_size):
-            batch = [train_sequences[i] for i in order[start : start + config.batch_size]]
-            loss = sequence_loss(model, batch, pad=pad)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            if step % config.eval_every == 0 or step == total:
-                result = evaluate(model, validation_sequences, pad=pad, batch_size=config.eval_batch_size)
-                history.append({"step": step, "train_loss": loss.item(), **result.to_dict()})
-                bar.set_postfix(val_acc=f"{result.accuracy:.4f}")
-                if on_eval:
-                    on_eval(step, result)
-                if _better(result, best):
-                    best, best_step = result, step
-                    best_state = copy.deepcopy(model.state_dict())
-            if step == total:
-                break
+    with seeded_torch(generator):  # dropout draws only from ``generator``
+        while step < total:
+            order = torch.randperm(len(train_sequences), generator=generator).tolist()
+            for start in range(0, len(order), config.batch_size):
+                batch = [train_sequences[i] for i in order[start : start + config.batch_size]]
+                loss = sequence_loss(model, batch, pad=pad)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                bar.update(1)
+                if step % config.eval_every == 0 or step == total:
+                    result = evaluate(model, validation_sequences, pad=pad, batch_size=config.eval_batch_size)
+                    history.append({"step": step, "train_loss": loss.item(), **result.to_dict()})
+                    bar.set_postfix(val_acc=f"{result.accuracy:.4f}")
+                    if on_eval:
+                        on_eval(step, result)
+                    if _better(result, best):
+                        best, best_step = result, step
+                        best_state = copy.deepcopy(model.state_dict())
+                if step == total:
+                    break
     bar.close()
     assert best is not None  # total >= 1 and the last step always validates
     model.load_state_dict(best_state)

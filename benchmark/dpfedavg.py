@@ -49,7 +49,7 @@ from flwr.serverapp.strategy import FedAvg
 from tqdm.auto import tqdm
 
 from benchmark.config import DPFedAvgConfig
-from benchmark.downstream import sequence_loss
+from benchmark.downstream import seeded_torch, sequence_loss
 from benchmark.flower_grid import InProcessGrid
 from popri.data import partition_users
 from popri.privacy import PrivacyLedger, calibrate_noise, poisson_sample
@@ -120,14 +120,15 @@ def local_update(
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
     model.train()
     order: list[int] = []
-    for _ in range(local_steps):
-        if len(order) < min(batch_size, len(sequences)):
-            order += torch.randperm(len(sequences), generator=generator).tolist()
-        batch, order = order[:batch_size], order[batch_size:]
-        loss = sequence_loss(model, [sequences[i] for i in batch], pad=pad)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    with seeded_torch(generator):  # dropout draws only from ``generator``
+        for _ in range(local_steps):
+            if len(order) < min(batch_size, len(sequences)):
+                order += torch.randperm(len(sequences), generator=generator).tolist()
+            batch, order = order[:batch_size], order[batch_size:]
+            loss = sequence_loss(model, [sequences[i] for i in batch], pad=pad)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
     params = dict(model.named_parameters())
     return [params[n].detach().cpu().numpy() - s for n, s in zip(names, start, strict=True)]
 

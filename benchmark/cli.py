@@ -21,9 +21,11 @@ MODES = ("run", "perf")
 
 
 def _perf_module() -> Any:
+    """``benchmark.perf`` if it is there and imports cleanly (a broken harness must not break ``popri bench``)."""
     try:
         return importlib.import_module("benchmark.perf")
-    except ImportError:
+    except Exception as err:  # ImportError, or any error of a module being written
+        logging.getLogger(__name__).debug("benchmark.perf unavailable: %s", err)
         return None
 
 

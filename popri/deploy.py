@@ -461,8 +461,8 @@ def supervise(
             now = time.monotonic()
             if stopping or code == 0:
                 return code
-            if now - started >= healthy_after or failing_since is None:
-                failing_since = started
+            if failing_since is None or now - started >= healthy_after:
+                failing_since = now  # a first failure, or one after a healthy run: the clock starts now
             if now - failing_since >= retry_for:
                 logger.error("%s kept failing for %.0fs (exit %d); giving up", Path(argv[0]).name, retry_for, code)
                 return code
@@ -618,13 +618,20 @@ def wait_for_run(
     env: Mapping[str, str] | None = None,
     poll: float = 2.0,
 ) -> str:
-    """Poll ``flwr ls`` until the run is finished; returns its final status (raises after ``timeout`` seconds)."""
+    """Poll ``flwr ls`` until the run is finished; returns its final status (raises after ``timeout`` seconds).
+
+    A failed poll (the SuperLink restarting, a network blip) is logged and retried until the deadline.
+    """
     deadline = time.monotonic() + timeout
     status = "unknown"
     while time.monotonic() < deadline:
-        status = run_status(federation, run_id, env=env)
-        if status.startswith(FINISHED):
-            return status
+        try:
+            status = run_status(federation, run_id, env=env)
+        except (DeployError, subprocess.TimeoutExpired) as err:
+            logger.warning("could not read the status of run %d (%s); retrying", run_id, err)
+        else:
+            if status.startswith(FINISHED):
+                return status
         time.sleep(poll)
     raise DeployError(f"run {run_id} still '{status}' after {timeout:.0f}s")
 

@@ -538,6 +538,32 @@ def test_deploy_commands_have_help_and_print_mode(tmp_path: Path, capsys: pytest
     assert "flower-supernode" in line and "--auth-supernode-private-key" in line and "FLWR_HOME=" in line
 
 
+def test_supervise_restarts_a_refused_supernode_until_it_is_let_in(tmp_path: Path) -> None:
+    # Prepare: a stand-in for flower-supernode that fails (as on "Failed to activate") twice, then succeeds
+    counter = tmp_path / "starts"
+    script = (
+        "import pathlib, sys; p = pathlib.Path(sys.argv[1]); n = int(p.read_text() or 0) + 1 if p.exists() else 1; "
+        "p.write_text(str(n)); sys.exit(0 if n >= 3 else 1)"
+    )
+
+    # Execute
+    code = deploy.supervise([sys.executable, "-c", script, str(counter)], dict(os.environ), retry_for=30, backoff=0.05)
+
+    # Assert
+    assert code == 0 and counter.read_text() == "3"
+
+
+def test_supervise_gives_up_after_failing_for_retry_for_seconds(tmp_path: Path) -> None:
+    # Execute
+    start = time.monotonic()
+    code = deploy.supervise([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), retry_for=1.0,
+                            backoff=0.1)
+
+    # Assert
+    assert code == 3
+    assert 1.0 <= time.monotonic() - start < 20
+
+
 def test_hostile_node_moves_the_aggregate_by_at_most_its_claimed_users() -> None:
     """Central mode: whatever one node sends, the accepted sum moves by at most (its claimed users) x sensitivity 1.
 

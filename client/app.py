@@ -14,14 +14,12 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from popri.config import RunConfig, config_from_flat, split_run_options
-from popri.embedding import load_embedder
 from popri.node import NodeScorer, load_node_users
 from popri.privacy import make_noise_rng
 
 logger = logging.getLogger(__name__)
 
 # In simulation one Ray actor serves several virtual nodes: caches are keyed by the node's data, never shared blindly.
-_EMBEDDER: list[Any] = []
 _SCORERS: dict[tuple[str, int, int, str], NodeScorer] = {}
 
 
@@ -31,10 +29,8 @@ def _scorer(config: RunConfig, node_config: dict[str, Any]) -> NodeScorer:
     cache_dir = Path(str(node_config.get("cache-dir", "") or config.resolved_cache_dir()))
     key = (data_path or config.data.data, pid, parts, str(cache_dir))
     if key not in _SCORERS:
-        if not _EMBEDDER:
-            _EMBEDDER.append(load_embedder())
         users = load_node_users(config, partition_id=pid, num_partitions=parts, data_path=data_path or None)
-        _SCORERS[key] = NodeScorer.from_users(_EMBEDDER[0], users, cache_dir=cache_dir)
+        _SCORERS[key] = NodeScorer.from_users(None, users, cache_dir=cache_dir)  # embedder loaded on a miss
         logger.info("node partition %d/%d: %d private users", pid, parts, _SCORERS[key].num_users)
     return _SCORERS[key]
 

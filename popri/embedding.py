@@ -34,12 +34,18 @@ def embed_texts(embedder: Any, texts: list[str], *, batch_size: int = 64, progre
 
 
 def cached_user_sums(
-    embedder: Any, data: UserData, *, cache_dir: Path, embedder_id: str = "all-MiniLM-L6-v2", progress: bool = False
+    embedder: Any | None,
+    data: UserData,
+    *,
+    cache_dir: Path,
+    embedder_id: str = "all-MiniLM-L6-v2",
+    progress: bool = False,
 ) -> np.ndarray:
     """Per-user sums of private text embeddings, computed once and cached on the client's own disk.
 
     The cache holds private-derived data: it lives on the device that owns the data and never leaves it. Keyed by the
-    data's content hash and the embedder, so a changed file or model never reuses stale sums.
+    data's content hash and the embedder, so a changed file or model never reuses stale sums. ``embedder=None`` loads
+    the default embedder only on a cache miss (a deployed node runs each round in a fresh process).
     """
     key = f"{data.fingerprint()}-{embedder_id.replace('/', '_')}"
     path = cache_dir / "private-embeddings" / f"{key}.npy"
@@ -48,6 +54,8 @@ def cached_user_sums(
         if sums.shape[0] == data.num_users:
             return sums
     logger.info("embedding %d private texts of %d users (cached afterwards)", len(data.texts), data.num_users)
+    if embedder is None:
+        embedder = load_embedder()
     sums = user_embedding_sums(embed_texts(embedder, data.texts, progress=progress), data.owner, data.num_users)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy")

@@ -45,7 +45,8 @@ class NodeScorer:
     user_sums: np.ndarray  # (users, d), private
 
     @classmethod
-    def from_users(cls, embedder: Any, users: UserData, *, cache_dir: Path) -> NodeScorer:
+    def from_users(cls, embedder: Any | None, users: UserData, *, cache_dir: Path) -> NodeScorer:
+        """``embedder=None``: load the default embedder only if the cache misses."""
         return cls(cached_user_sums(embedder, users, cache_dir=cache_dir))
 
     @property

@@ -29,6 +29,7 @@ from popri.embedding import embed_texts, load_embedder
 from popri.generation import build_prompts, make_initial_set, sample_completions
 from popri.preferences import PreferencePair, build_pairs, random_pairs
 from popri.privacy import (
+    BudgetExceededError,
     InvalidReplyError,
     PrivacyLedger,
     calibrate_noise,
@@ -144,22 +145,43 @@ class PopriRun:
                     f"invalid config key '{key}': a resumed run must keep {key}={before.get(key)!r}"
                     " (the privacy ledger depends on it)"
                 )
-        elif ckpt.latest_checkpoint(self.ckpt_dir) is not None:
+        elif ckpt.latest_checkpoint(self.ckpt_dir) is not None or (self.out / "ledger.json").exists():
             raise FileExistsError(
                 f"{self.out} already holds a run; pass --resume to continue it or pick a new --output"
             )
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(self.config, saved)
 
+    @property
+    def _journal(self) -> Path:
+        return self.out / "ledger.json"
+
+    def _adopt_journal(self) -> None:
+        """Take the ledger journal if it holds more charged rounds than the checkpoint: a round released (charged)
+        after the last checkpoint stays charged, even though the round itself is redone. The ledger never shrinks."""
+        if not self._journal.exists():
+            return
+        journal = PrivacyLedger.from_state_dict(json.loads(self._journal.read_text()))
+        if journal.rounds_charged > self.ledger.rounds_charged:
+            logger.warning(
+                "%d round(s) were released after the last checkpoint; they stay charged (epsilon %.4f -> %.4f)",
+                journal.rounds_charged - self.ledger.rounds_charged,
+                self.ledger.epsilon(),
+                journal.epsilon(),
+            )
+            self.ledger = journal
+
     def _restore(self) -> None:
         latest = ckpt.latest_checkpoint(self.ckpt_dir)
         if latest is None:
             logger.info("no checkpoint in %s: starting from round 1", self.ckpt_dir)
+            self._adopt_journal()
             return
         tensors, meta = ckpt.load_checkpoint(latest)
         self.dpo.load_state_dict(tensors["dpo"])
         self.sample_gen.set_state(tensors["sample_generator"])
         self.ledger = PrivacyLedger.from_state_dict(meta["ledger"])
+        self._adopt_journal()
         self.prompt_rng.bit_generator.state = meta["rng"]["prompt"]
         self.train_rng.bit_generator.state = meta["rng"]["train"]
         self.control_rng.bit_generator.state = meta["rng"]["control"]
@@ -226,7 +248,9 @@ class PopriRun:
         if not c.control:
             would_be = self.ledger.epsilon_after(noise_multiplier=self.sigma, sample_rate=q)
             if c.privacy.epsilon is not None and would_be > c.privacy.epsilon:
-                raise RuntimeError(f"round {t + 1} would spend epsilon={would_be:.4f} > {c.privacy.epsilon}; stopping")
+                raise BudgetExceededError(
+                    f"round {t + 1} would spend epsilon={would_be:.4f} > target {c.privacy.epsilon}"
+                )
 
         start = time.perf_counter()
         prompts, samples = self._generate(g.prompts, g.samples_per_prompt, f"round {t + 1} generate")
@@ -258,7 +282,10 @@ class PopriRun:
                 )
                 record.update({"discarded": True, "seconds": timings})
                 return record
-            epsilon = self.ledger.charge(noise_multiplier=self.sigma, sample_rate=q)  # charged before any use
+            # Charged, and the charge written to disk, before the noisy sum exists: a crash from here on can only
+            # over-count, never under-count, the privacy spent.
+            epsilon = self.ledger.charge(noise_multiplier=self.sigma, sample_rate=q)
+            ckpt.atomic_write_json(self._journal, self.ledger.state_dict())
             dp_scores = gaussian_mechanism(summed_scores=summed, noise_multiplier=self.sigma, rng=self.noise_rng)
             del summed
             timings["aggregate"] = time.perf_counter() - start
@@ -356,7 +383,11 @@ class PopriRun:
         )
         bar = tqdm(range(self.start_round, c.rounds), desc="rounds", disable=not self.progress, unit="round")
         for t in bar:
-            record = self.run_round(t, collect)
+            try:
+                record = self.run_round(t, collect)
+            except BudgetExceededError as err:
+                logger.warning("privacy budget exhausted, stopping before the round: %s", err)
+                break
             if record.get("discarded"):
                 self.records.append(record)
                 self._write_progress_artifacts()

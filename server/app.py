@@ -10,6 +10,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from popri.cli import setup_logging
 from popri.config import config_from_flat, split_run_options
 from popri.rounds import NodeReply, PopriRun
 
@@ -89,6 +90,8 @@ def make_server_app(overrides: dict[str, Any] | None = None, errors: list[BaseEx
 
 
 def _main(grid: Grid, context: Context, overrides: dict[str, Any] | None) -> None:
+    if not logging.getLogger().handlers:  # flwr-serverapp process: make the per-round log lines visible
+        setup_logging()
     flat, resume, progress = run_options({**context.run_config, **(overrides or {})})
     config = config_from_flat(flat)
     run = PopriRun(config, resume=resume, progress=progress)

@@ -189,3 +189,36 @@ def test_control_run_uses_no_private_data_and_spends_no_epsilon(tiny_model_dir, 
     # Assert
     assert grid.sent == 0
     assert json.loads((out / "privacy.json").read_text())["epsilon"] == 0.0
+
+
+def test_round_released_after_the_last_checkpoint_stays_charged_on_resume(
+    tiny_model_dir, user_file, tmp_path, monkeypatch, caplog
+):
+    # Prepare: the server dies in round 2 *after* the noisy sum was released (during DPO)
+    from popri.dpo import LoraDPO
+
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, user_file, out, rounds=3, **{"final-samples": 0})
+    real_train = LoraDPO.train_round
+    calls = {"n": 0}
+
+    def dying_train(self, pairs, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("server killed during DPO")
+        return real_train(self, pairs, **kwargs)
+
+    monkeypatch.setattr(LoraDPO, "train_round", dying_train)
+    with pytest.raises(KeyboardInterrupt):
+        run_server(InProcessGrid(make_client_app(), NODES, cfg), cfg)
+    monkeypatch.setattr(LoraDPO, "train_round", real_train)
+
+    # Execute
+    run_server(InProcessGrid(make_client_app(), NODES, cfg), {**cfg, "resume": True})
+
+    # Assert: 3 releases were charged (round 2 twice), so the budget for 3 rounds ends the run after round 2's redo
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert privacy["rounds_completed"] == 3
+    assert privacy["epsilon"] <= 7.0
+    assert [r["round"] for r in _read_jsonl(out / "rounds.jsonl")] == [1, 2]
+    assert "stay charged" in caplog.text and "budget exhausted" in caplog.text

@@ -49,7 +49,7 @@ from popri.generation import SAMPLE_HEADER, clean_completion, iter_chunks, sampl
 
 logger = logging.getLogger(__name__)
 
-COMPARISONS = ("generation", "scoring", "dpo", "dpo_fp32", "dpo_loss", "round", "communication")
+COMPARISONS = ("generation", "scoring", "dpo", "dpo_fp32", "dpo_loss", "round", "communication", "threads")
 TARGETS = {"generation": 1.5, "scoring": 20.0, "dpo": 4.0}
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2
 
@@ -372,6 +372,7 @@ def bench_generation(
     ):
         warm()
     times, results = interleaved(runs, sizes.repeats_generation)
+    peak_gflops = {k: max(v, matmul_gflops(getattr(torch, k))) for k, v in peak_gflops.items()}  # best of before/after
     params = num_parameters(assets.model)
     n_samples = len(prompts) * sizes.samples_per_prompt
 
@@ -550,7 +551,7 @@ def _lora_config() -> Any:
 
 
 def _trl_args(output_dir: str, *, batch: int, steps: int | None, fp32: bool) -> Any:
-    """TRL's DPOConfig: its defaults (bf16 autocast, gradient checkpointing) unless ``fp32`` (the loss check)."""
+    """TRL's DPOConfig: its defaults (bf16=True, gradient checkpointing) unless ``fp32`` (the loss check)."""
     from trl import DPOConfig
 
     from popri.config import TrainConfig
@@ -622,7 +623,7 @@ def bench_dpo(
 ) -> dict[str, Any]:
     """One popri DPO round (reference log-probs precomputed) vs TRL's DPOTrainer, same pairs, batch and steps.
 
-    Default: popri as a run uses it (bf16 frozen base, fp32 LoRA) against TRL's defaults (bf16 autocast, gradient
+    Default: popri as a run uses it (bf16 frozen base, fp32 LoRA) against TRL's defaults (bf16=True, gradient
     checkpointing). ``fp32``: both in float32, TRL without gradient checkpointing (the like-for-like precision row).
     """
     from popri.config import TrainConfig
@@ -662,7 +663,7 @@ def bench_dpo(
     peer = (
         "TRL DPOTrainer, float32, no gradient checkpointing"
         if fp32
-        else "TRL DPOTrainer with its defaults (bf16 autocast, gradient checkpointing)"
+        else "TRL DPOTrainer with its defaults (bf16=True, gradient checkpointing)"
     )
     return comparison(
         "dpo_fp32" if fp32 else "dpo",
@@ -682,26 +683,60 @@ def bench_dpo(
     )
 
 
+# -- threads -------------------------------------------------------------------------------------------------------
+
+
+def bench_threads(assets: PerfAssets, *, repeats: int = 3) -> dict[str, Any]:
+    """One bf16 forward of the generator (8 x 128 tokens) at 1 thread and at every core, interleaved.
+
+    On a CPU that other busy processes share, torch's threads wait for each other at every parallel region, so more
+    threads can be much slower; on an idle machine all cores win. This tells which case the measurements ran in.
+    """
+    model = copy.deepcopy(assets.model).to(torch.bfloat16)
+    ids = torch.randint(0, int(model.config.vocab_size), (8, 128), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(next(model.parameters()).device)
+    before = torch.get_num_threads()
+    counts = sorted({1, os.cpu_count() or 1})
+
+    def forward(n: int) -> Callable[[], None]:
+        def run() -> None:
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                model(input_ids=ids)
+            _sync()
+
+        return run
+
+    try:
+        forward(counts[-1])()  # warm-up
+        times, _ = interleaved({f"{n}": forward(n) for n in counts}, repeats)
+    finally:
+        torch.set_num_threads(before)
+    return {
+        "what": "bf16 forward of the generator, 8 x 128 tokens",
+        "median_s_by_threads": {n: round(_median(t), 3) for n, t in times.items()},
+        "runs_s_by_threads": {n: [round(x, 3) for x in t] for n, t in times.items()},
+    }
+
+
 # -- a whole round -------------------------------------------------------------------------------------------------
 
 
-def bench_round(
-    assets: PerfAssets, sizes: PerfSizes, *, quick: bool, seed: int, cache_dir: str, workdir: Path
-) -> dict[str, Any]:
+def bench_round(assets: PerfAssets, sizes: PerfSizes, *, seed: int, cache_dir: str, workdir: Path) -> dict[str, Any]:
     """One ``PopriRun.run_round`` at the default settings; collect = the ClientApp's NodeScorer, in process."""
     from popri.config import DataConfig, GenerationConfig, RunConfig
     from popri.node import NodeScorer, load_node_users
     from popri.rounds import NodeReply, PopriRun
 
-    generation = GenerationConfig(model=assets.generator_id, initial_set_size=sizes.round_initial_set)
-    if quick:
-        generation = dataclasses.replace(
-            generation,
-            prompts=sizes.prompts,
-            max_new_tokens=sizes.max_new_tokens,
-            token_budget=sizes.token_budget,
-            generation_batch_size=sizes.generation_batch,
-        )
+    generation = GenerationConfig(  # PerfSizes() holds the defaults; --quick or --perf-size make them smaller
+        model=assets.generator_id,
+        initial_set_size=sizes.round_initial_set,
+        prompts=sizes.prompts,
+        samples_per_prompt=sizes.samples_per_prompt,
+        max_new_tokens=sizes.max_new_tokens,
+        token_budget=sizes.token_budget,
+        generation_batch_size=sizes.generation_batch,
+    )
     config = RunConfig(
         generation=generation,
         data=DataConfig(data=assets.round_data, max_users=sizes.round_max_users),
@@ -900,6 +935,7 @@ def _run_perf(
         "comparisons": [],
         "embedding_cache": previous.get("embedding_cache"),
         "dpo_first_step_fp32": previous.get("dpo_first_step_fp32"),
+        "threads_check": previous.get("threads_check"),
         "communication": previous.get("communication"),
     }
     rows: dict[str, dict[str, Any]] = {r["name"]: r for r in previous.get("comparisons", [])}
@@ -908,7 +944,7 @@ def _run_perf(
     with tempfile.TemporaryDirectory(prefix="popri-perf-") as tmp, _blas_threads(torch.get_num_threads()):
         workdir = Path(tmp)
         if "round" in only:  # first, so that the peak memory is the round's (plus the harness's own fp32 model)
-            round_result = bench_round(assets, sizes, quick=quick, seed=seed, cache_dir=cache_dir, workdir=workdir)
+            round_result = bench_round(assets, sizes, seed=seed, cache_dir=cache_dir, workdir=workdir)
             result["stages"] = {**round_result, **_when(now)}
         if "generation" in only:
             gen_rows, samples = bench_generation(assets, sizes, prompts, seed=seed, peak_gflops=peak)
@@ -931,6 +967,8 @@ def _run_perf(
             if "dpo_loss" in only:
                 check = dpo_first_step_losses(assets.model, assets.tokenizer, pairs, workdir=workdir)
                 result["dpo_first_step_fp32"] = {**check, **_when(now)}
+        if "threads" in only:
+            result["threads_check"] = {**bench_threads(assets), **_when(now)}
         if "communication" in only:
             comm = communication(
                 assets.tokenizer,
@@ -1128,6 +1166,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Matmul peak measured in this run (1024 x 1024, best of ~0.5 s): float32 {peak['float32']} GFLOP/s "
         f"(again at the end: {peak.get('float32_after', '-')}), bfloat16 {peak['bfloat16']} GFLOP/s.",
     ]
+    tc = result.get("threads_check")
+    if tc:
+        by = ", ".join(f"{n} thread(s) {t} s" for n, t in tc["median_s_by_threads"].items())
+        lines += ["", f"Threads check ({tc['what']}, medians, load average {tc.get('load_average', '?')}): {by}."]
     stages = result.get("stages") or {}
     if stages:
         lines += [

@@ -18,6 +18,11 @@ is faster).
   seconds and peak memory; its peer is the same round with the three stages above replaced by their peers' measured
   times (an estimate).
 - Communication: bytes per client per round for POPri and for DP-FedAvg of the benchmark's downstream model.
+- ``dpo_fp32`` (both sides in float32), ``dpo_loss`` (the step-1 check alone), ``dpo_shared_prompt`` (an ablation: the
+  shared-prompt DPO forward, a proposal for ``popri.dpo``) and ``threads`` (1 thread vs all cores on this machine).
+
+``--perf-only NAME ...`` measures some of these and keeps the rest of an existing ``perf.json``, so a busy machine can
+run them one at a time; ``--perf-size FIELD=VALUE`` shrinks a measurement; ``--perf-threads N`` fixes torch's threads.
 """
 
 from __future__ import annotations
@@ -49,7 +54,17 @@ from popri.generation import SAMPLE_HEADER, clean_completion, iter_chunks, sampl
 
 logger = logging.getLogger(__name__)
 
-COMPARISONS = ("generation", "scoring", "dpo", "dpo_fp32", "dpo_loss", "round", "communication", "threads")
+COMPARISONS = (
+    "generation",
+    "scoring",
+    "dpo",
+    "dpo_fp32",
+    "dpo_loss",
+    "dpo_shared_prompt",
+    "round",
+    "communication",
+    "threads",
+)
 TARGETS = {"generation": 1.5, "scoring": 20.0, "dpo": 4.0}
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2
 
@@ -170,13 +185,13 @@ def comparison(
     popri_s, peer_s = _median(popri_times), _median(peer_times)
     return {
         "name": name,
-        "popri_s": round(popri_s, 4),
+        "popri_s": round(popri_s, 6),
         "peer": peer,
-        "peer_s": round(peer_s, 4),
+        "peer_s": round(peer_s, 6),
         "ratio": round(peer_s / popri_s, 2) if popri_s > 0 else None,
         "target": target,
-        "popri_runs_s": [round(t, 4) for t in popri_times],
-        "peer_runs_s": [round(t, 4) for t in peer_times],
+        "popri_runs_s": [round(t, 6) for t in popri_times],
+        "peer_runs_s": [round(t, 6) for t in peer_times],
         **extra,
     }
 
@@ -683,6 +698,102 @@ def bench_dpo(
     )
 
 
+# -- an ablation: the shared-prompt DPO forward (a proposal for popri.dpo, measured here) ----------------------------
+
+
+def shared_prompt_logps(model: Any, pairs: list[Any], pad_id: int) -> torch.Tensor:
+    """Σ log p(completion | prompt) of rows [chosen_1..B, rejected_1..B], like ``LoraDPO._logps`` on ``collate``.
+
+    Each pair's prompt runs once (gradients flow through its KV cache into the LoRA weights); the cache is repeated
+    for the chosen and the rejected completion, which then run on it. The first completion token is scored from the
+    prompt pass's last logits, the only prompt logits computed.
+    """
+    device = next(model.parameters()).device
+    b = len(pairs)
+    width = max(len(p.prompt_ids) for p in pairs)
+    prompt = torch.full((b, width), pad_id, dtype=torch.long)
+    pmask = torch.zeros((b, width), dtype=torch.long)
+    for i, p in enumerate(pairs):
+        prompt[i, width - len(p.prompt_ids) :] = torch.tensor(p.prompt_ids)
+        pmask[i, width - len(p.prompt_ids) :] = 1
+    prompt, pmask = prompt.to(device), pmask.to(device)
+    out = model(  # lm_head only at the last prompt position: the other prompt logits are never scored
+        input_ids=prompt,
+        attention_mask=pmask,
+        position_ids=(pmask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(2)  # rows: chosen_1, rejected_1, chosen_2, ...
+    completions = [c for p in pairs for c in (p.chosen_ids, p.rejected_ids)]
+    clen = max(len(c) for c in completions)
+    ids = torch.full((2 * b, clen), pad_id, dtype=torch.long)
+    cmask = torch.zeros((2 * b, clen), dtype=torch.long)
+    for j, c in enumerate(completions):
+        ids[j, : len(c)] = torch.tensor(c)
+        cmask[j, : len(c)] = 1
+    ids, cmask = ids.to(device), cmask.to(device)
+    plen = pmask.sum(-1).repeat_interleave(2)
+    out2 = model(
+        input_ids=ids,
+        attention_mask=torch.cat([pmask.repeat_interleave(2, dim=0), cmask], dim=1),
+        position_ids=plen[:, None] + torch.arange(clen, device=device)[None],
+        cache=cache,
+        use_cache=True,
+    )
+    logits = torch.cat([out.logits[:, -1:].repeat_interleave(2, dim=0), out2.logits[:, :-1]], dim=1)
+    logps = torch.gather(logits.float().log_softmax(-1), 2, ids[:, :, None]).squeeze(-1)
+    rows = (logps * cmask).sum(-1)
+    return torch.cat([rows[0::2], rows[1::2]])
+
+
+def bench_shared_prompt(assets: PerfAssets, pairs: list[Any], sizes: PerfSizes, *, repeats: int = 2) -> dict[str, Any]:
+    """Policy forward + backward of one DPO batch: popri's full rows vs the shared-prompt forward (bf16 base).
+
+    Also checks, on a float32 copy, that both give the same log-probs.
+    """
+    from popri.config import TrainConfig
+    from popri.dpo import LoraDPO, collate, tokenize_pair
+
+    tok = assets.tokenizer
+    batch = [tokenize_pair(tok, p) for p in pairs[: sizes.dpo_batch]]
+    fp32 = LoraDPO(copy.deepcopy(assets.model).float(), tok, config=TrainConfig(precision="fp32"))
+    _randomize_lora(fp32.policy, seed=2)
+    full_batch = {k: v.to(fp32.device) for k, v in collate(batch, tok.pad_token_id).items()}
+    with torch.no_grad():
+        diff = float((fp32._logps(full_batch) - shared_prompt_logps(fp32.policy, batch, tok.pad_token_id)).abs().max())
+    del fp32
+    dpo = LoraDPO(copy.deepcopy(assets.model).to(torch.bfloat16), tok, config=TrainConfig())
+    full_batch = {k: v.to(dpo.device) for k, v in collate(batch, tok.pad_token_id).items()}
+
+    def full() -> None:
+        dpo._logps(full_batch).sum().backward()
+        dpo.optimizer.zero_grad(set_to_none=True)
+
+    def shared() -> None:
+        shared_prompt_logps(dpo.policy, batch, tok.pad_token_id).sum().backward()
+        dpo.optimizer.zero_grad(set_to_none=True)
+
+    shared()  # warm-up
+    times, _ = interleaved({"full": full, "shared": shared}, repeats)
+    prompt_tokens = sum(len(p.prompt_ids) for p in batch)
+    completion_tokens = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in batch)
+    return {
+        "what": "policy forward + backward of one DPO batch (bf16 base, fp32 LoRA): popri's rows vs shared prompt",
+        "pairs": len(batch),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "row_tokens_full": 2 * prompt_tokens + completion_tokens,
+        "row_tokens_shared": prompt_tokens + completion_tokens,
+        "full_s": round(_median(times["full"]), 3),
+        "shared_s": round(_median(times["shared"]), 3),
+        "speedup": round(_median(times["full"]) / _median(times["shared"]), 2),
+        "runs_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
+        "max_abs_logp_difference_fp32": diff,
+    }
+
+
 # -- threads -------------------------------------------------------------------------------------------------------
 
 
@@ -936,6 +1047,7 @@ def _run_perf(
         "embedding_cache": previous.get("embedding_cache"),
         "dpo_first_step_fp32": previous.get("dpo_first_step_fp32"),
         "threads_check": previous.get("threads_check"),
+        "ablations": previous.get("ablations") or {},
         "communication": previous.get("communication"),
     }
     rows: dict[str, dict[str, Any]] = {r["name"]: r for r in previous.get("comparisons", [])}
@@ -953,7 +1065,7 @@ def _run_perf(
         if "scoring" in only:
             rows["scoring"] = {**bench_scoring(sizes, seed=seed), **_when(now)}
             result["embedding_cache"] = {**bench_embedding_cache(assets), **_when(now)}
-        if {"dpo", "dpo_fp32", "dpo_loss"} & set(only):
+        if {"dpo", "dpo_fp32", "dpo_loss", "dpo_shared_prompt"} & set(only):
             if samples is None:
                 samples = _saved_samples(output, prompts, sizes, seed=seed)
                 if samples is None:
@@ -964,6 +1076,8 @@ def _run_perf(
                 if name in only:
                     row = bench_dpo(assets, pairs, sizes, seed=seed, workdir=workdir, fp32=name == "dpo_fp32")
                     rows[name] = {**row, **_when(now)}
+            if "dpo_shared_prompt" in only:
+                result["ablations"]["shared_prompt_dpo"] = {**bench_shared_prompt(assets, pairs, sizes), **_when(now)}
             if "dpo_loss" in only:
                 check = dpo_first_step_losses(assets.model, assets.tokenizer, pairs, workdir=workdir)
                 result["dpo_first_step_fp32"] = {**check, **_when(now)}
@@ -1166,6 +1280,14 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Matmul peak measured in this run (1024 x 1024, best of ~0.5 s): float32 {peak['float32']} GFLOP/s "
         f"(again at the end: {peak.get('float32_after', '-')}), bfloat16 {peak['bfloat16']} GFLOP/s.",
     ]
+    ab = (result.get("ablations") or {}).get("shared_prompt_dpo")
+    if ab:
+        lines += [
+            "",
+            f"Ablation, shared-prompt DPO forward ({ab['what']}; {ab['pairs']} pairs, {ab['row_tokens_full']} -> "
+            f"{ab['row_tokens_shared']} tokens): {ab['full_s']} s -> {ab['shared_s']} s, x{ab['speedup']}; "
+            f"largest log-prob difference in float32 {ab['max_abs_logp_difference_fp32']:.1e}.",
+        ]
     tc = result.get("threads_check")
     if tc:
         by = ", ".join(f"{n} thread(s) {t} s" for n, t in tc["median_s_by_threads"].items())
@@ -1226,7 +1348,7 @@ def render_markdown(result: dict[str, Any]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags ``popri bench perf`` adds to ``popri bench`` (it also uses --output, --seed, --cache-dir)."""
     group = parser.add_argument_group("perf mode")
-    group.add_argument("--quick", action="store_true", help="perf: small sizes (a smoke test, about a minute)")
+    group.add_argument("--quick", action="store_true", help="perf: small sizes (a smoke test, ~3 min on 2 busy cores)")
     group.add_argument(
         "--perf-only",
         nargs="+",

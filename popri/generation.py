@@ -12,9 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from popri.assets import autocast_dtype
+from popri.checkpoint import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -237,11 +236,7 @@ def make_initial_set(
     if len(initial) < 3:
         raise RuntimeError(f"the generator wrote only {len(initial)} usable initial samples; check the model")
     if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(initial, fh)
-        os.replace(tmp, path)
+        atomic_write_json(path, initial)
     return initial
 
 

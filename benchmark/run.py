@@ -427,26 +427,8 @@ class Benchmark:
             progress=self.config.progress,
         )
         write_corpus(result.corpus, prep.folder / f"pe-eps{epsilon:g}.jsonl")
-        model, trained = self._finetune(prep, result.corpus, f"pe eps={epsilon:g}")
-        self._record(
-            prep.splits.name,
-            self._row(
-                prep,
-                method="pe",
-                epsilon=epsilon,
-                model=model,
-                validation=trained.selected_validation,
-                selected=f"step {trained.selected_step}/{trained.steps}",
-                start=start,
-                epsilon_spent=result.epsilon,
-                noise_multiplier=result.noise_multiplier,
-                rounds=result.rounds,
-                sample_rate=1.0,
-                corpus_size=len(result.corpus),
-                bytes_down_per_client_round=result.bytes_down_per_client_round,
-                bytes_up_per_client_round=result.bytes_up_per_client_round,
-                noise_seeded=self.noise_seeded,
-            ),
+        self._score_corpus(
+            prep, method="pe", epsilon=epsilon, result=result, start=start, noise_seeded=self.noise_seeded
         )
 
     def run_popri(self, prep: Prepared, epsilon: float) -> None:
@@ -475,12 +457,18 @@ class Benchmark:
                 resume=interrupted,
             )
             write_seconds(output / "synthetic.jsonl", result.seconds)
-        model, trained = self._finetune(prep, result.corpus, f"popri eps={epsilon:g}")
+        self._score_corpus(prep, method="popri", epsilon=epsilon, result=result, start=start, run_folder=str(output))
+
+    def _score_corpus(
+        self, prep: Prepared, *, method: str, epsilon: float, result: Any, start: float, **extra: Any
+    ) -> None:
+        """Train the downstream model on a private synthetic corpus (PE or POPri) and record its row."""
+        model, trained = self._finetune(prep, result.corpus, f"{method} eps={epsilon:g}")
         self._record(
             prep.splits.name,
             self._row(
                 prep,
-                method="popri",
+                method=method,
                 epsilon=epsilon,
                 model=model,
                 validation=trained.selected_validation,
@@ -493,7 +481,7 @@ class Benchmark:
                 corpus_size=len(result.corpus),
                 bytes_down_per_client_round=result.bytes_down_per_client_round,
                 bytes_up_per_client_round=result.bytes_up_per_client_round,
-                run_folder=str(output),
+                **extra,
             ),
         )
 

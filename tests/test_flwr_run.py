@@ -45,6 +45,8 @@ def test_flwr_run_dot_completes_a_round_on_the_simulation_engine(tmp_path, user_
     home = tmp_path / "flwr-home"
     env = {
         **os.environ,
+        # `flwr run` launches `flower-superlink` from PATH: the venv's, even when it is not activated
+        "PATH": f"{Path(FLWR).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_HOME": str(home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -95,7 +97,9 @@ def test_flwr_run_dot_completes_a_round_on_the_simulation_engine(tmp_path, user_
 
     # Assert: the exit code of `flwr run` is 0 even on failure, so read the run status
     log = run.stdout + run.stderr
-    runs = json.loads(listing.stdout)["runs"]
+    listed = json.loads(listing.stdout)
+    assert "runs" in listed, f"{listed}\n{log[-3000:]}"
+    runs = listed["runs"]
     assert runs and runs[0]["status"] == "finished:completed", log[-3000:]
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["rounds_completed"] == 1 and privacy["epsilon"] <= 7.0

@@ -62,8 +62,18 @@ class PrivacyConfig:
     sample_rate: float = field(default=1.0, metadata={"help": "q, Poisson sampling rate of users per round"})
     accountant: str = field(default="rdp", metadata={"help": "'rdp' or 'prv' (Opacus accountants)"})
     noise_seed: int | None = field(default=None, metadata={"help": "reproducible noise (NOT for real privacy)"})
-    privacy_mode: str = field(default="central", metadata={"help": "'central' (server adds the noise)"})
+    privacy_mode: str = field(
+        default="central",
+        metadata={
+            "help": "'central' (the server adds the noise) or 'secagg' (each node adds a noise share; the server "
+            "sees only the SecAgg+ sum)"
+        },
+    )
     min_replies: int = field(default=1, metadata={"help": "a round with fewer valid node replies is discarded"})
+    secagg_clipping_range: float = field(
+        default=1024.0,
+        metadata={"help": "secagg: the bound SecAgg+ quantises each entry of a node's noisy sum within (±range)"},
+    )
 
     def __post_init__(self) -> None:
         _check(
@@ -78,8 +88,19 @@ class PrivacyConfig:
         _check(0 < self.delta < 1, "delta", f"must be in (0, 1), got {self.delta}")
         _check(0 < self.sample_rate <= 1, "sample-rate", f"must be in (0, 1], got {self.sample_rate}")
         _check(self.accountant in ("rdp", "prv"), "accountant", f"use 'rdp' or 'prv', got {self.accountant!r}")
-        _check(self.privacy_mode in ("central",), "privacy-mode", f"supported: 'central'; got {self.privacy_mode!r}")
+        _check(
+            self.privacy_mode in ("central", "secagg"),
+            "privacy-mode",
+            f"use 'central' or 'secagg', got {self.privacy_mode!r}",
+        )
         _check(self.min_replies >= 1, "min-replies", f"must be >= 1, got {self.min_replies}")
+        # A secure sum of one reply is that reply, and each share carries only σ²/min-replies of the noise.
+        _check(
+            self.privacy_mode != "secagg" or self.min_replies >= 2,
+            "min-replies",
+            f"secagg needs >= 2 replies per round (SecAgg+ hides nothing in a sum of one), got {self.min_replies}",
+        )
+        _check(self.secagg_clipping_range > 0, "secagg-clipping-range", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -162,6 +183,20 @@ class RunConfig:
 
     def resolved_cache_dir(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "popri"
+
+    def resolved_noise_multiplier(self) -> float:
+        """σ of this run, the same on the server and on every node (:func:`popri.privacy.resolve_noise_multiplier`)."""
+        from popri.privacy import resolve_noise_multiplier  # opacus loads only when a run needs σ
+
+        p = self.privacy
+        return resolve_noise_multiplier(
+            epsilon=p.epsilon,
+            noise_multiplier=p.noise_multiplier,
+            delta=p.delta,
+            sample_rate=p.sample_rate,
+            rounds=self.rounds,
+            accountant=p.accountant,
+        )
 
 
 _SECTIONS = {"generation": GenerationConfig, "privacy": PrivacyConfig, "train": TrainConfig, "data": DataConfig}

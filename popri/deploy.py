@@ -229,8 +229,14 @@ def write_certificates(
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
                 decipher_only=False,
             ),
             critical=True,
@@ -251,8 +257,15 @@ def write_certificates(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_encipherment=True, content_commitment=False, data_encipherment=False,
-                key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_encipherment=True,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -263,8 +276,11 @@ def write_certificates(
         .sign(ca_key, hashes.SHA256())
     )
 
-    pem_key = {"encoding": serialization.Encoding.PEM, "format": serialization.PrivateFormat.TraditionalOpenSSL,
-               "encryption_algorithm": serialization.NoEncryption()}
+    pem_key = {
+        "encoding": serialization.Encoding.PEM,
+        "format": serialization.PrivateFormat.TraditionalOpenSSL,
+        "encryption_algorithm": serialization.NoEncryption(),
+    }
     certs.directory.mkdir(parents=True, exist_ok=True)
     _write_private(certs.ca_key, ca_key.private_bytes(**pem_key))
     _write_private(certs.server_key, server_key.private_bytes(**pem_key))
@@ -305,8 +321,9 @@ def write_node_keys(directory: Path, name: str, *, overwrite: bool = False) -> t
     key = ec.generate_private_key(ec.SECP384R1())
     _write_private(
         private,
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                          serialization.NoEncryption()),
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
     )
     public.write_bytes(
         key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
@@ -359,14 +376,20 @@ def superlink_command(
     """``flower-superlink`` with TLS, SuperNode authentication, a database and no runtime dependency installation."""
     return [
         executable("flower-superlink"),
-        "--ssl-ca-certfile", str(certs.ca_cert.absolute()),
-        "--ssl-certfile", str(certs.server_cert.absolute()),
-        "--ssl-keyfile", str(certs.server_key.absolute()),
+        "--ssl-ca-certfile",
+        str(certs.ca_cert.absolute()),
+        "--ssl-certfile",
+        str(certs.server_cert.absolute()),
+        "--ssl-keyfile",
+        str(certs.server_key.absolute()),
         "--enable-supernode-auth",
-        "--database", str(Path(database).absolute()),
+        "--database",
+        str(Path(database).absolute()),
         "--disable-runtime-dependency-installation",
-        "--host", host,
-        "--port", str(port),
+        "--host",
+        host,
+        "--port",
+        str(port),
         *extra,
     ]
 
@@ -385,23 +408,36 @@ def supernode_command(
     """``flower-supernode`` for one device: TLS to the SuperLink, its registered key, its own data file."""
     return [
         executable("flower-supernode"),
-        "--superlink", superlink,
-        "--root-certificates", str(Path(root_certificates).absolute()),
-        "--auth-supernode-private-key", str(Path(private_key).absolute()),
-        "--port", str(port),
-        "--node-config", node_config(data_path, cache_dir, extra_node_config),
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(Path(root_certificates).absolute()),
+        "--auth-supernode-private-key",
+        str(Path(private_key).absolute()),
+        "--port",
+        str(port),
+        "--node-config",
+        node_config(data_path, cache_dir, extra_node_config),
         *extra,
     ]
 
 
 def register_command(public_key: Path, federation: str = DEFAULT_FEDERATION) -> list[str]:
     """``flwr supernode register``: allow a SuperNode's public key on the SuperLink (prints its node id)."""
-    return [executable("flwr"), "supernode", "register", str(Path(public_key).absolute()), federation,
-            "--format", "json"]
+    return [
+        executable("flwr"),
+        "supernode",
+        "register",
+        str(Path(public_key).absolute()),
+        federation,
+        "--format",
+        "json",
+    ]
 
 
-def run_command(app: Path, federation: str = DEFAULT_FEDERATION, overrides: Mapping[str, Any] | None = None,
-                *, stream: bool = False) -> list[str]:
+def run_command(
+    app: Path, federation: str = DEFAULT_FEDERATION, overrides: Mapping[str, Any] | None = None, *, stream: bool = False
+) -> list[str]:
     """``flwr run APP FEDERATION -c "k=v ..." --format json`` (``--stream`` follows the logs instead)."""
     argv = [executable("flwr"), "run", str(app), federation]
     if overrides:
@@ -484,8 +520,10 @@ def flwr_home(env: Mapping[str, str] | None = None) -> Path:
     return Path(env.get("FLWR_HOME") or Path.home() / ".flwr")
 
 
-_FLWR_CONFIG_HEADER = '[superlink]\ndefault = "local"\n\n[superlink.supergrid]\naddress = "api.flower.ai"\n\n' \
-                      '[superlink.local]\naddress = ":local:"\n'
+_FLWR_CONFIG_HEADER = (
+    '[superlink]\ndefault = "local"\n\n[superlink.supergrid]\naddress = "api.flower.ai"\n\n'
+    '[superlink.local]\naddress = ":local:"\n'
+)
 
 
 def write_federation(home: Path, name: str, address: str, root_certificates: Path) -> Path:
@@ -560,12 +598,24 @@ def write_app(directory: Path, overrides: Mapping[str, Any] | None = None, *, ve
             shutil.copyfile(path, dest)
     lines = [
         "# Written by `popri deploy app`: the popri Flower app with every config key declared.",
-        "[build-system]", 'requires = ["setuptools>=68"]', 'build-backend = "setuptools.build_meta"', "",
-        "[project]", 'name = "popri"', f'version = "{version}"', 'requires-python = ">=3.11"',
+        "[build-system]",
+        'requires = ["setuptools>=68"]',
+        'build-backend = "setuptools.build_meta"',
+        "",
+        "[project]",
+        'name = "popri"',
+        f'version = "{version}"',
+        'requires-python = ">=3.11"',
         "# Pre-installed on every host (runtime dependency installation is off).",
-        'dependencies = ["flwr==1.42.0"]', "",
-        "[tool.flwr.app]", 'publisher = "popri"', "",
-        "[tool.flwr.app.components]", 'serverapp = "server.app:app"', 'clientapp = "client.app:app"', "",
+        'dependencies = ["flwr==1.42.0"]',
+        "",
+        "[tool.flwr.app]",
+        'publisher = "popri"',
+        "",
+        "[tool.flwr.app.components]",
+        'serverapp = "server.app:app"',
+        'clientapp = "client.app:app"',
+        "",
         "[tool.flwr.app.config]",
         *(f"{k} = {toml_value(v)}" for k, v in config.items()),
     ]
@@ -587,8 +637,9 @@ def submit_run(
 ) -> int:
     """Submit a run with ``flwr run`` and return its run id."""
     argv = run_command(app, federation, overrides)
-    proc = subprocess.run(argv, env=dict(env or flower_env()), capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    proc = subprocess.run(
+        argv, env=dict(env or flower_env()), capture_output=True, text=True, timeout=timeout, check=False
+    )
     try:
         out = parse_json_output(proc.stdout)
     except DeployError:
@@ -601,8 +652,14 @@ def submit_run(
 
 def run_status(federation: str, run_id: int, *, env: Mapping[str, str] | None = None) -> str:
     """The run's status, e.g. ``running`` or ``finished:completed`` / ``finished:failed`` / ``finished:stopped``."""
-    proc = subprocess.run(list_runs_command(federation, run_id), env=dict(env or flower_env()), capture_output=True,
-                          text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        list_runs_command(federation, run_id),
+        env=dict(env or flower_env()),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     out = parse_json_output(proc.stdout)
     runs = out.get("runs") or []
     if not out.get("success", True) or not runs:
@@ -758,7 +815,7 @@ def _cmd_supernode(args: argparse.Namespace) -> int:
     node_dir = root / "nodes" / args.name
     data = Path(args.data).absolute()
     if not args.print_only and not data.is_file():
-        raise DeployError(f"--data {data}: no such file (one JSON object per line: {{\"user\": ..., \"text\": ...}})")
+        raise DeployError(f'--data {data}: no such file (one JSON object per line: {{"user": ..., "text": ...}})')
     argv = supernode_command(
         superlink=args.superlink,
         root_certificates=Path(args.ca or root / "certs" / "ca.crt"),
@@ -776,7 +833,7 @@ def _cmd_supernode(args: argparse.Namespace) -> int:
 
 def _cmd_app(args: argparse.Namespace) -> int:
     out = write_app(Path(args.out or _dir(args) / "app"), _parse_sets(args.set))
-    _out(f"wrote the Flower app to {out}: flwr run {out} <federation> -c \"key=value ...\" sets any popri key")
+    _out(f'wrote the Flower app to {out}: flwr run {out} <federation> -c "key=value ..." sets any popri key')
     return 0
 
 
@@ -816,14 +873,22 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=fmt)
         p.add_argument("--dir", default=DEFAULT_DIR, help="deployment folder (certs/, keys/, superlink/, nodes/, app/)")
         if runs:
-            p.add_argument("--print", dest="print_only", action="store_true",
-                           help="print the command (with its environment) instead of running it")
+            p.add_argument(
+                "--print",
+                dest="print_only",
+                action="store_true",
+                help="print the command (with its environment) instead of running it",
+            )
         p.set_defaults(func=_guarded(func))
         return p
 
     p = step("certs", "write a CA and a TLS server certificate for the SuperLink", _cmd_certs, runs=False)
-    p.add_argument("--host", action="append", default=[],
-                   help="an IP address or DNS name the SuperNodes dial (repeatable; localhost/127.0.0.1 always)")
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="an IP address or DNS name the SuperNodes dial (repeatable; localhost/127.0.0.1 always)",
+    )
     p.add_argument("--days", type=int, default=365, help="validity in days")
     p.add_argument("--overwrite", action="store_true", help="replace existing certificates")
 
@@ -838,8 +903,9 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
 
     p = step("superlink", "start the SuperLink: TLS, SuperNode auth, database, no runtime installs", _cmd_superlink)
     p.add_argument("--host", default="127.0.0.1", help="bind address; 0.0.0.0 for real devices on the network")
-    p.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT,
-                   help="the one HTTPS port (Fleet, Control and Runtime APIs)")
+    p.add_argument(
+        "--port", type=int, default=DEFAULT_SUPERLINK_PORT, help="the one HTTPS port (Fleet, Control and Runtime APIs)"
+    )
     p.add_argument("--federation", default=DEFAULT_FEDERATION, help="flwr connection name written to config.toml")
     p.add_argument("--no-federation", action="store_true", help="do not touch the flwr CLI's config.toml")
     p.add_argument("--poll-interval", type=float, default=0.5, help="SuperExec task poll interval (s)")
@@ -855,12 +921,21 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="private embedding cache on this device (default DIR/nodes/NODE/cache)")
     p.add_argument("--ca", help="CA certificate (default DIR/certs/ca.crt)")
     p.add_argument("--key", help="this node's private key (default DIR/keys/NODE)")
-    p.add_argument("--port", type=int, default=DEFAULT_SUPERNODE_PORT,
-                   help="local Runtime API port (unique per SuperNode on one machine)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_SUPERNODE_PORT,
+        help="local Runtime API port (unique per SuperNode on one machine)",
+    )
     p.add_argument("--poll-interval", type=float, default=0.5, help="SuperExec task poll interval (s)")
-    p.add_argument("--retry-for", type=float, default=0.0, metavar="SECONDS",
-                   help="restart the SuperNode after a failure for up to this long (after a crash the SuperLink "
-                        "refuses the node for up to 60 s; 120 rides that out); 0 runs it once")
+    p.add_argument(
+        "--retry-for",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="restart the SuperNode after a failure for up to this long (after a crash the SuperLink "
+        "refuses the node for up to 60 s; 120 rides that out); 0 runs it once",
+    )
 
     p = step("app", "write the Flower app folder that declares every popri config key", _cmd_app, runs=False)
     p.add_argument("--out", help="app folder (default DIR/app)")
@@ -869,8 +944,12 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     p = step("run", "submit a POPri run, wait for it and report its status (exit 1 unless completed)", _cmd_run)
     p.add_argument("--federation", default=DEFAULT_FEDERATION, help="flwr connection name")
     p.add_argument("--app", help="a Flower app folder (default: write DIR/app with every popri config key)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="run config, e.g. --set rounds=6 --set output=/abs/runs/x (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="run config, e.g. --set rounds=6 --set output=/abs/runs/x (repeatable)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in 'output' from its last checkpoint")
     p.add_argument("--no-wait", action="store_true", help="return once the run is submitted")
     p.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds to wait for the run")

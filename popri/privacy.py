@@ -8,6 +8,7 @@ noise multiplier is σ itself. Users are Poisson-sampled with rate q, which is w
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import warnings
@@ -83,6 +84,28 @@ def calibrate_noise(
     if spent > epsilon:
         raise RuntimeError(f"calibration overshot: sigma={sigma} gives epsilon={spent} > {epsilon}")
     return sigma
+
+
+@functools.lru_cache(maxsize=16)
+def resolve_noise_multiplier(
+    *,
+    epsilon: float | None,
+    noise_multiplier: float | None,
+    delta: float,
+    sample_rate: float,
+    rounds: int,
+    accountant: str = "rdp",
+) -> float:
+    """σ for a run: the one given, else calibrated to ``epsilon`` after ``rounds`` (:func:`calibrate_noise`).
+
+    Server and nodes call this with the run's own settings; in secure-aggregation mode each node derives its noise
+    share from it rather than from anything the server sends during a round.
+    """
+    if noise_multiplier is not None:
+        return float(noise_multiplier)
+    if epsilon is None:
+        raise ValueError("give a target epsilon or a noise multiplier")
+    return calibrate_noise(epsilon=epsilon, delta=delta, sample_rate=sample_rate, rounds=rounds, accountant=accountant)
 
 
 class BudgetExceededError(RuntimeError):
@@ -171,6 +194,30 @@ def gaussian_mechanism(*, summed_scores: np.ndarray, noise_multiplier: float, rn
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
     noise = rng.normal(0.0, noise_multiplier * SENSITIVITY, size=summed_scores.shape)
     return (summed_scores.astype(np.float64) + noise).astype(np.float64)
+
+
+def noise_share_std(*, noise_multiplier: float, min_replies: int) -> float:
+    """Standard deviation of one node's share of the noise in secure-aggregation mode: ``σ·Δ / √n_min``.
+
+    ``n`` independent shares N(0, σ²Δ²/n_min) sum to N(0, (n/n_min)·σ²Δ²), so any sum over n >= n_min nodes carries at
+    least the noise N(0, σ²Δ²) that the accountant assumes for the central mechanism; the sum is the only thing the
+    server sees. Sensitivity Δ = 1 per user, as in :func:`gaussian_mechanism`. Source: distributed Gaussian noise
+    under secure aggregation (Truex et al. 2019, "A Hybrid Approach to Privacy-Preserving Federated Learning";
+    Kairouz, Liu, Steinke 2021, "The Distributed Discrete Gaussian Mechanism").
+    """
+    if noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    if min_replies < 1:
+        raise ValueError(f"min_replies must be >= 1, got {min_replies}")
+    return noise_multiplier * SENSITIVITY / float(np.sqrt(min_replies))
+
+
+def add_noise_share(
+    *, node_sum: np.ndarray, noise_multiplier: float, min_replies: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``node_sum + N(0, (σ·Δ)²/n_min · I)``: what a node sends into the secure sum (see :func:`noise_share_std`)."""
+    std = noise_share_std(noise_multiplier=noise_multiplier, min_replies=min_replies)
+    return node_sum.astype(np.float64) + rng.normal(0.0, std, size=node_sum.shape)
 
 
 def poisson_sample(*, num_users: int, sample_rate: float, rng: np.random.Generator) -> np.ndarray:

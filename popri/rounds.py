@@ -32,7 +32,6 @@ from popri.privacy import (
     BudgetExceededError,
     InvalidReplyError,
     PrivacyLedger,
-    calibrate_noise,
     gaussian_mechanism,
     make_noise_rng,
     validate_node_sum,
@@ -54,7 +53,21 @@ class NodeReply:
     error: str | None = None
 
 
-Collect = Callable[[np.ndarray, int, float], list[NodeReply]]  # (sample embeddings, round, sample rate) -> replies
+@dataclass(frozen=True)
+class SecureSum:
+    """Secure-aggregation mode: the unmasked sum of the node vectors (each already carrying its noise share), and
+    how many nodes it sums. ``dp_sum`` is None when the protocol released nothing (too few nodes survived)."""
+
+    dp_sum: np.ndarray | None
+    replies: int
+    failures: int = 0
+
+
+# (sample embeddings, round, sample rate) -> each node's reply                                    (central mode)
+Collect = Callable[[np.ndarray, int, float], list[NodeReply]]
+# (sample embeddings, round, sample rate, charge) -> the secure sum; ``charge()`` must run before the sum can be
+# unmasked                                                                                         (secagg mode)
+SecureCollect = Callable[[np.ndarray, int, float, Callable[[], None]], SecureSum]
 
 
 def aggregate_replies(replies: list[NodeReply], *, expected_len: int) -> tuple[np.ndarray | None, int, list[str]]:
@@ -87,17 +100,7 @@ class PopriRun:
         self.ckpt_dir = self.out / "checkpoints"
         self._prepare_output(resume)
         p = config.privacy
-        if p.noise_multiplier is not None:
-            self.sigma = p.noise_multiplier
-        else:
-            assert p.epsilon is not None
-            self.sigma = calibrate_noise(
-                epsilon=p.epsilon,
-                delta=p.delta,
-                sample_rate=p.sample_rate,
-                rounds=config.rounds,
-                accountant=p.accountant,
-            )
+        self.sigma = config.resolved_noise_multiplier()
         self.ledger = PrivacyLedger(delta=p.delta, accountant=p.accountant, target_epsilon=p.epsilon)
         self.noise_rng, self.noise_reproducible = make_noise_rng(p.noise_seed)
         self.prompt_rng = np.random.default_rng([config.seed, 1])
@@ -240,7 +243,7 @@ class PopriRun:
         gc.collect()  # the merged copy holds a full set of weights: free it before DPO allocates
         return prompts, samples
 
-    def run_round(self, t: int, collect: Collect) -> dict[str, Any]:
+    def run_round(self, t: int, collect: Collect | SecureCollect) -> dict[str, Any]:
         c, g = self.config, self.config.generation
         q = c.privacy.sample_rate
         timings: dict[str, float] = {}
@@ -268,27 +271,13 @@ class PopriRun:
             )
             record.update({"users_sampled": 0, "replies": 0, "rejected_replies": 0, "control": True})
         else:
-            start = time.perf_counter()
-            replies = collect(embeddings, t, q)
-            timings["collect"] = time.perf_counter() - start
-            start = time.perf_counter()
-            summed, users, rejected = aggregate_replies(replies, expected_len=len(samples))
-            accepted = len(replies) - len(rejected)
-            record.update({"users_sampled": users, "replies": accepted, "rejected_replies": len(rejected)})
-            if summed is None or accepted < c.privacy.min_replies:
-                # Nothing is released, so nothing is charged: the noisy sum is never computed.
-                logger.warning(
-                    "round %d discarded: %d valid replies < min-replies %d", t + 1, accepted, c.privacy.min_replies
-                )
+            if c.privacy.privacy_mode == "secagg":
+                dp_scores = self._release_secure(collect, embeddings, t, record, timings)  # type: ignore[arg-type]
+            else:
+                dp_scores = self._release_central(collect, embeddings, t, record, timings)  # type: ignore[arg-type]
+            if dp_scores is None:
                 record.update({"discarded": True, "seconds": timings})
                 return record
-            # Charged, and the charge written to disk, before the noisy sum exists: a crash from here on can only
-            # over-count, never under-count, the privacy spent.
-            epsilon = self.ledger.charge(noise_multiplier=self.sigma, sample_rate=q)
-            ckpt.atomic_write_json(self._journal, self.ledger.state_dict())
-            dp_scores = gaussian_mechanism(summed_scores=summed, noise_multiplier=self.sigma, rng=self.noise_rng)
-            del summed
-            timings["aggregate"] = time.perf_counter() - start
             pairs = build_pairs(
                 prompts=prompts,
                 samples=samples,
@@ -296,7 +285,7 @@ class PopriRun:
                 samples_per_prompt=g.samples_per_prompt,
                 rejected_rank=c.train.rejected_rank,
             )
-            record["privacy/epsilon"] = epsilon
+            record["privacy/epsilon"] = self.ledger.epsilon()
 
         start = time.perf_counter()
         metrics = self.dpo.train_round(pairs, rng=self.train_rng, progress=self.progress)
@@ -311,6 +300,71 @@ class PopriRun:
         timings["checkpoint"] = time.perf_counter() - start
         record["seconds"] = {k: round(v, 3) for k, v in timings.items()}
         return record
+
+    def _charge(self) -> float:
+        """Charge one release and write the journal, before the noisy result exists: a crash from here on can only
+        over-count, never under-count, the privacy spent."""
+        epsilon = self.ledger.charge(noise_multiplier=self.sigma, sample_rate=self.config.privacy.sample_rate)
+        ckpt.atomic_write_json(self._journal, self.ledger.state_dict())
+        return epsilon
+
+    def _release_central(
+        self, collect: Collect, embeddings: np.ndarray, t: int, record: dict[str, Any], timings: dict[str, float]
+    ) -> np.ndarray | None:
+        """Central mode: each node's clipped sum, validated and re-clipped here, summed, then noised once."""
+        p = self.config.privacy
+        start = time.perf_counter()
+        replies = collect(embeddings, t, p.sample_rate)
+        timings["collect"] = time.perf_counter() - start
+        start = time.perf_counter()
+        summed, users, rejected = aggregate_replies(replies, expected_len=len(embeddings))
+        accepted = len(replies) - len(rejected)
+        record.update({"users_sampled": users, "replies": accepted, "rejected_replies": len(rejected)})
+        if summed is None or accepted < p.min_replies:
+            # Nothing is released, so nothing is charged: the noisy sum is never computed.
+            logger.warning("round %d discarded: %d valid replies < min-replies %d", t + 1, accepted, p.min_replies)
+            return None
+        self._charge()
+        dp_scores = gaussian_mechanism(summed_scores=summed, noise_multiplier=self.sigma, rng=self.noise_rng)
+        timings["aggregate"] = time.perf_counter() - start
+        return dp_scores
+
+    def _release_secure(
+        self,
+        collect: SecureCollect,
+        embeddings: np.ndarray,
+        t: int,
+        record: dict[str, Any],
+        timings: dict[str, float],
+    ) -> np.ndarray | None:
+        """Secure-aggregation mode: the nodes noise their own sums; the server only ever sees their total.
+
+        The transport calls ``charge`` once enough masked vectors are in and before it unmasks their sum, so a
+        round whose protocol stops earlier is not charged, and one that could have been seen always is.
+        """
+        p = self.config.privacy
+        charged: list[float] = []
+        start = time.perf_counter()
+        result = collect(embeddings, t, p.sample_rate, lambda: charged.append(self._charge()))
+        timings["collect"] = time.perf_counter() - start
+        # The server never learns how many users each node sampled, nor their total, in this mode.
+        record.update({"users_sampled": None, "replies": result.replies, "rejected_replies": result.failures})
+        if result.dp_sum is not None and not charged:
+            raise RuntimeError("the secure sum was released without charging the privacy ledger")
+        if result.dp_sum is None or result.replies < p.min_replies:
+            logger.warning(
+                "round %d discarded: the secure sum covers %d nodes < min-replies %d%s",
+                t + 1,
+                result.replies,
+                p.min_replies,
+                " (charged: the sum could have been unmasked)" if charged else "",
+            )
+            return None
+        dp_sum = np.asarray(result.dp_sum, dtype=np.float64)
+        if dp_sum.shape != (len(embeddings),) or not np.all(np.isfinite(dp_sum)):
+            logger.warning("round %d discarded: the secure sum has shape %s or non-finite values", t + 1, dp_sum.shape)
+            return None
+        return dp_sum
 
     def _checkpoint(
         self,
@@ -367,8 +421,11 @@ class PopriRun:
             "control": self.config.control,
         }
 
-    def run(self, collect: Collect) -> dict[str, Any]:
-        """All remaining rounds, then the final corpus. Returns privacy.json's content."""
+    def run(self, collect: Collect | SecureCollect) -> dict[str, Any]:
+        """All remaining rounds, then the final corpus. Returns privacy.json's content.
+
+        ``collect`` is a :data:`Collect` in central mode and a :data:`SecureCollect` in secure-aggregation mode.
+        """
         c = self.config
         logger.info(
             "POPri: %d rounds, K=%d prompts x J=%d samples, sigma=%.4f, target epsilon=%s, delta=%g, q=%g%s",
@@ -396,11 +453,11 @@ class PopriRun:
             if "diagnostics/val_similarity" in record:
                 extra = f" val_similarity={record['diagnostics/val_similarity']:.4f} (non-private)"
             logger.info(
-                "round %d/%d: epsilon=%.4f users=%d pairs=%d dpo_loss=%.4f margin=%.4f %.1fs%s",
+                "round %d/%d: epsilon=%.4f users=%s pairs=%d dpo_loss=%.4f margin=%.4f %.1fs%s",
                 t + 1,
                 c.rounds,
                 self.ledger.epsilon(),
-                record["users_sampled"],
+                "n/a (secagg)" if record["users_sampled"] is None else record["users_sampled"],
                 record["pairs"],
                 record.get("dpo/loss", float("nan")),
                 record.get("dpo/rewards_margin", float("nan")),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from popri.cli import setup_logging
 from popri.config import config_from_flat, split_run_options
-from popri.rounds import NodeReply, PopriRun
+from popri.rounds import NodeReply, PopriRun, SecureSum
+from server.secagg import secure_sum
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +103,23 @@ def _main(grid: Grid, context: Context, overrides: dict[str, Any] | None) -> Non
         live = sorted(grid.get_node_ids()) or nodes
         return query_nodes(grid, live, embeddings, round_index, sample_rate, config.reply_timeout)
 
-    run.run(collect)
+    def collect_secure(
+        embeddings: np.ndarray, round_index: int, sample_rate: float, charge: Callable[[], None]
+    ) -> SecureSum:
+        return secure_sum(
+            grid,
+            context,
+            sorted(grid.get_node_ids()),
+            embeddings=embeddings,
+            round_index=round_index,
+            sample_rate=sample_rate,
+            min_replies=config.privacy.min_replies,
+            clipping_range=config.privacy.secagg_clipping_range,
+            timeout=config.reply_timeout,
+            charge=charge,
+        )
+
+    run.run(collect_secure if config.privacy.privacy_mode == "secagg" else collect)
 
 
 app = make_server_app()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from collections.abc import Callable, Iterable
@@ -72,7 +73,7 @@ def tiny_run_config(model_dir: Path, data: Path, output: Path, **overrides: Any)
 class InProcessGrid:
     """A Flower Grid that calls a ClientApp in this process (no Ray, no SuperLink). Test-only.
 
-    ``dead`` nodes never answer; ``tamper`` may rewrite a node's reply (a broken or hostile node).
+    ``dead`` nodes never answer; ``tamper`` may rewrite a node's reply (a broken or hostile node) or drop it (None).
     """
 
     def __init__(
@@ -110,10 +111,13 @@ class InProcessGrid:
             if nid in self.dead:
                 continue
             try:
-                reply = self.client_app(message, self.contexts[nid])
+                # A real transport serialises: each node gets its own copy (SecAgg+'s mod edits what it receives).
+                reply = self.client_app(copy.deepcopy(message), self.contexts[nid])
             except Exception as err:  # a ClientApp exception becomes an error reply, as in Flower
                 reply = Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=message)
-            self.outbox[mid] = self.tamper(nid, reply) if self.tamper else reply
+            reply = self.tamper(nid, reply) if self.tamper else reply
+            if reply is not None:  # a tamper that returns None loses the reply: the node died mid-protocol
+                self.outbox[mid] = reply
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Any]:

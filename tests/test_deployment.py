@@ -164,8 +164,16 @@ class Federation:
 
     def _service(self, name: str, step: list[str]) -> Service:
         """``python -m popri.deploy STEP ... --dir ROOT`` as a service (a restart logs to a new file)."""
-        argv = [sys.executable, "-m", "popri.deploy", *step, "--dir", str(self.root),
-                "--poll-interval", str(POLL_INTERVAL)]
+        argv = [
+            sys.executable,
+            "-m",
+            "popri.deploy",
+            *step,
+            "--dir",
+            str(self.root),
+            "--poll-interval",
+            str(POLL_INTERVAL),
+        ]
         starts = sum(s.name == name for s in self.services)
         service = Service(name, argv, self.cli_env, self.root / f"{name}-{starts}.log")
         self.services.append(service)
@@ -245,7 +253,10 @@ class Federation:
     def run_log(self, run_id: int) -> str:
         proc = subprocess.run(
             [deploy.executable("flwr"), "log", str(run_id), FEDERATION, "--show"],
-            env=self.cli_env, capture_output=True, text=True, timeout=60,
+            env=self.cli_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         return (proc.stdout + proc.stderr)[-6000:]
 
@@ -556,8 +567,7 @@ def test_supervise_restarts_a_refused_supernode_until_it_is_let_in(tmp_path: Pat
 def test_supervise_gives_up_after_failing_for_retry_for_seconds(tmp_path: Path) -> None:
     # Execute
     start = time.monotonic()
-    code = deploy.supervise([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), retry_for=1.0,
-                            backoff=0.1)
+    code = deploy.supervise([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), retry_for=1.0, backoff=0.1)
 
     # Assert
     assert code == 3

@@ -16,11 +16,13 @@ from popri.privacy import (
     BudgetExceededError,
     InvalidReplyError,
     PrivacyLedger,
+    add_noise_share,
     calibrate_noise,
     clip_l2,
     compute_epsilon,
     gaussian_mechanism,
     make_noise_rng,
+    noise_share_std,
     poisson_sample,
     validate_node_sum,
 )
@@ -124,6 +126,27 @@ def test_gaussian_mechanism_noise_has_std_sigma_and_mean_zero(noise_multiplier: 
     assert low <= sample_var <= high
     # the sample mean is N(0, σ²/n): |mean| < 5 standard errors
     assert abs(noisy.mean()) < 5 * noise_multiplier / np.sqrt(n)
+
+
+@pytest.mark.parametrize(("min_replies", "replies"), [(2, 2), (5, 5), (5, 8)])
+def test_noise_shares_of_min_replies_nodes_sum_to_at_least_the_central_noise(min_replies: int, replies: int) -> None:
+    # prepare
+    n, sigma = 100_000, 3.35
+    rng = np.random.Generator(np.random.PCG64(99))
+
+    # execute: what the secure sum holds when `replies` nodes each add their share
+    shares = [
+        add_noise_share(node_sum=np.zeros(n), noise_multiplier=sigma, min_replies=min_replies, rng=rng)
+        for _ in range(replies)
+    ]
+    total = np.sum(shares, axis=0)
+
+    # assert: variance (replies / min_replies)·σ², in the same 1e-6 χ² interval as the central test
+    expected_var = sigma**2 * replies / min_replies
+    low, high = chi2.ppf([1e-6, 1 - 1e-6], df=n - 1) * expected_var / (n - 1)
+    assert low <= total.var(ddof=1) <= high
+    share_std = noise_share_std(noise_multiplier=sigma, min_replies=min_replies)
+    assert share_std == pytest.approx(sigma / np.sqrt(min_replies))
 
 
 def test_gaussian_mechanism_adds_noise_to_the_sum_and_keeps_shape() -> None:

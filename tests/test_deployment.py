@@ -391,6 +391,25 @@ def test_server_killed_mid_run_resumes_with_the_same_ledger(federation: Federati
     assert resumed_run != crashed_run
 
 
+@pytest.mark.slow
+def test_secure_aggregation_round_on_real_supernodes(federation: Federation) -> None:
+    # Prepare: both devices online; the round needs both of their noise shares
+    output = federation.root / "runs" / "secagg"
+    federation.wait_online(["node1", "node2"], timeout=120)
+
+    # Execute
+    run_id = federation.submit(output, rounds=1, **{"privacy-mode": "secagg", "min-replies": 2, "final-samples": 0})
+    status = federation.wait(run_id)
+
+    # Assert: one SecAgg+ round over both devices, charged once; the server never learned a user count
+    assert status == "finished:completed", federation.run_log(run_id)
+    (record,) = _rounds(output)
+    assert record["replies"] == 2 and record["users_sampled"] is None and record["pairs"] == TINY["prompts"]
+    privacy = _privacy(output)
+    assert privacy["privacy_mode"] == "secagg" and privacy["rounds_completed"] == 1
+    assert "Secure aggregation completed" in federation.run_log(run_id)
+
+
 # -- fast tests: the helpers, and a hostile node against the aggregate -------------------------------------------
 
 

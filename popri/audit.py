@@ -44,8 +44,10 @@ Power checks: ``break_mode="no-clip"`` turns the clip off for every user (``max_
 the sum by its z-score norm √N instead of 1) and ``"low-noise"`` divides σ by 10 while the claim stays the same; both
 must give ``ε_lb > ε_claimed``. They exist only here, never in a normal run.
 
-Not audited yet: secure-aggregation mode (each client adding a share of the noise) does not exist in popri; when it
-does, its noise shares must be summed in this game instead of one central draw.
+Secure-aggregation mode (``mode="secagg"``): the users are spread over ``nodes`` nodes (the canary on the first); each
+node adds its share with :func:`popri.privacy.add_noise_share` (σ²/``min_replies``) and the attacker sees only the sum
+of the node vectors, as the server does after SecAgg+. With ``nodes == min_replies`` (the fewest shares a released sum
+can hold) the shares must audit exactly like the central draw.
 """
 
 from __future__ import annotations
@@ -63,12 +65,13 @@ import numpy as np
 from scipy import optimize, stats
 from tqdm import tqdm
 
-from popri.privacy import calibrate_noise, compute_epsilon, gaussian_mechanism
+from popri.privacy import add_noise_share, calibrate_noise, compute_epsilon, gaussian_mechanism
 from popri.scoring import clip_user_scores, clipped_scores_sum, raw_user_scores, user_embedding_sums
 
 logger = logging.getLogger(__name__)
 
 BREAK_MODES = ("none", "no-clip", "low-noise")
+MODES = ("central", "secagg")
 LOW_NOISE_FACTOR = 10.0  # "low-noise" divides σ by this
 _CHUNK = 4096  # trials per vectorised block
 
@@ -216,15 +219,21 @@ def play_game(
     break_mode: str,
     rng: np.random.Generator,
     progress: bool = False,
+    mode: str = "central",
+    nodes: int = 1,
+    min_replies: int = 1,
 ) -> dict[str, Any]:
     """Run the distinguishing game; return attack scores of trials with and without the canary.
 
     ``noise_multiplier`` is the σ actually used (already divided for ``low-noise``). ``rng`` draws the data, the
-    canary, which trials hold it, and the noise (through :func:`popri.privacy.gaussian_mechanism`), in that order.
-    Per round and block of trials the released matrix is ``gaussian_mechanism(summed_scores=(trials, N) sums)``.
+    canary, which trials hold it, and the noise, in that order. Central mode: per round and block of trials the
+    released matrix is ``gaussian_mechanism(summed_scores=(trials, N) sums)``. Secure-aggregation mode: the sum over
+    ``nodes`` of ``add_noise_share(node_sum=(trials, N) node sums, min_replies=min_replies)``.
     """
     if break_mode not in BREAK_MODES:
         raise ValueError(f"break_mode must be one of {BREAK_MODES}, got {break_mode!r}")
+    if mode not in MODES or nodes < 1 or not 1 <= min_replies <= nodes:
+        raise ValueError(f"need mode in {MODES} and 1 <= min_replies <= nodes, got {mode!r}, {min_replies}, {nodes}")
     # Background users: 1..20 private texts each (varied, like characters of a play).
     counts = rng.integers(1, 21, size=users)
     user_index = np.repeat(np.arange(users), counts)
@@ -238,11 +247,19 @@ def play_game(
     present[: trials // 2] = True
     rng.shuffle(present)
 
-    base = np.empty((rounds, samples))
+    groups = nodes if mode == "secagg" else 1
+    if users < groups:
+        raise ValueError(f"need at least one background user per node, got {users} users for {groups} nodes")
+    node_of_user = np.arange(users) % groups
+    node_base = np.empty((rounds, groups, samples))  # per node: its background users' sum
     shift = np.empty((rounds, samples))
     for t, emb in enumerate(sample_sets):
-        base[t] = _users_sum(emb, background, break_mode=break_mode)
-        shift[t] = _users_sum(emb, with_canary, break_mode=break_mode) - base[t]
+        for i in range(node_base.shape[1]):
+            node_base[t, i] = _users_sum(emb, background[node_of_user == i], break_mode=break_mode)
+        shift[t] = _users_sum(emb, with_canary, break_mode=break_mode) - _users_sum(
+            emb, background, break_mode=break_mode
+        )
+    base = node_base.sum(axis=1)
     canary_norms = np.linalg.norm(shift, axis=1)
     if break_mode != "no-clip" and not np.allclose(canary_norms, 1.0, atol=1e-9):
         raise RuntimeError(f"canary is not at the clip bound: norms {canary_norms}")
@@ -252,8 +269,20 @@ def play_game(
     with tqdm(total=rounds * len(blocks), desc="audit", unit="block", disable=not progress) as bar:
         for t in range(rounds):
             for start, stop in blocks:
-                summed = base[t] + present[start:stop, None] * shift[t]  # (block, N): what the clients' sum is
-                released = gaussian_mechanism(summed_scores=summed, noise_multiplier=noise_multiplier, rng=rng)
+                canary_part = present[start:stop, None] * shift[t]
+                if mode == "central":
+                    summed = base[t] + canary_part  # (block, N): what the clients' sum is
+                    released = gaussian_mechanism(summed_scores=summed, noise_multiplier=noise_multiplier, rng=rng)
+                else:  # each node noises its own sum (the canary lives on node 0); the server sees their total
+                    released = sum(
+                        add_noise_share(
+                            node_sum=node_base[t, i] + canary_part * (i == 0),  # (block, N) for every node
+                            noise_multiplier=noise_multiplier,
+                            min_replies=min_replies,
+                            rng=rng,
+                        )
+                        for i in range(nodes)
+                    )
                 scores[start:stop] += (released - base[t]) @ shift[t]  # the attacker sees only `released`
                 bar.update(1)
     return {
@@ -281,6 +310,9 @@ def run_audit(
     dim: int = 384,
     confidence: float = 0.95,
     accountant: str = "rdp",
+    mode: str = "central",
+    nodes: int = 1,
+    min_replies: int = 1,
 ) -> dict[str, Any]:
     """Audit popri's mechanism calibrated for (``epsilon``, ``delta``) over ``rounds`` rounds; write the report.
 
@@ -300,13 +332,15 @@ def run_audit(
     )
     sigma_used = sigma / LOW_NOISE_FACTOR if break_mode == "low-noise" else sigma
     logger.info(
-        "audit: epsilon=%.4g delta=%.3g T=%d sigma=%.4g (used %.4g) break=%s",
+        "audit: epsilon=%.4g delta=%.3g T=%d sigma=%.4g (used %.4g) break=%s mode=%s%s",
         claimed,
         delta,
         rounds,
         sigma,
         sigma_used,
         break_mode,
+        mode,
+        f" ({nodes} nodes, shares for {min_replies})" if mode == "secagg" else "",
     )
 
     rng = np.random.Generator(np.random.PCG64(seed))
@@ -320,6 +354,9 @@ def run_audit(
         break_mode=break_mode,
         rng=rng,
         progress=progress,
+        mode=mode,
+        nodes=nodes,
+        min_replies=min_replies,
     )
     found = empirical_epsilon(game["scores_with"], game["scores_without"], delta=delta, confidence=confidence)
     n1, n0 = game["scores_with"].size, game["scores_without"].size
@@ -360,7 +397,9 @@ def run_audit(
         "seed": seed,
         "statistic": "sum over rounds of <noisy sum - background sum, canary contribution>",
         "bound_formula": "max_tau max(log((TPR_lo - delta)/FPR_hi), log((TNR_lo - delta)/FNR_hi)), Clopper-Pearson",
-        "not_audited": "secure-aggregation noise shares (not implemented in popri yet)",
+        "mode": mode,
+        "nodes": nodes if mode == "secagg" else None,
+        "min_replies": min_replies if mode == "secagg" else None,
         "seconds": round(time.perf_counter() - started, 3),
     }
     out = Path(output_dir)
@@ -441,6 +480,9 @@ def _handle(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         samples=args.samples,
         users=args.users,
+        mode=args.mode,
+        nodes=args.nodes,
+        min_replies=args.min_replies if args.min_replies is not None else args.nodes,
     )
     return 0
 
@@ -473,6 +515,16 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the canary and the noise")
     parser.add_argument("--samples", type=int, default=128, help="N, synthetic samples scored per round")
     parser.add_argument("--users", type=int, default=100, help="background users besides the canary")
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="central",
+        help="central: one noise draw on the sum; secagg: every node adds its share, the attacker sees the total",
+    )
+    parser.add_argument("--nodes", type=int, default=3, help="secagg: nodes whose noisy vectors are summed")
+    parser.add_argument(
+        "--min-replies", type=int, default=None, help="secagg: min-replies the shares assume (default: --nodes)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=_handle)
     return parser

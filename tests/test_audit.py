@@ -17,6 +17,7 @@ from popri.audit import (
     empirical_epsilon,
     epsilon_lower_bound_ceiling,
     gdp_epsilon,
+    play_game,
     run_audit,
 )
 
@@ -111,6 +112,38 @@ def test_audit_detects_broken_mechanism(tmp_path: Path, break_mode: str) -> None
         assert result["canary_norm"] == pytest.approx(8.0)  # z-scores of 64 samples have norm √64
     else:
         assert result["noise_multiplier_used"] == pytest.approx(result["noise_multiplier"] / 10)
+
+
+def test_secagg_noise_shares_audit_like_the_central_draw(tmp_path: Path) -> None:
+    # prepare: three nodes, shares calibrated for exactly three replies (the fewest a released sum can hold)
+    game_args = {"noise_multiplier": 2.0, "rounds": 4, "trials": 4000, "samples": 32, "users": 30, "dim": 16}
+
+    # execute
+    central = play_game(break_mode="none", rng=np.random.default_rng(1), **game_args)
+    secagg = play_game(
+        break_mode="none", rng=np.random.default_rng(2), mode="secagg", nodes=3, min_replies=3, **game_args
+    )
+    audited = run_audit(
+        epsilon=1.0, break_mode="none", output_dir=tmp_path, mode="secagg", nodes=3, min_replies=3, **SMALL
+    )
+
+    # assert: the attacker's statistic has the same spread (σ·sqrt(T), the canary at norm 1), and the bound holds
+    expected_std = 2.0 * np.sqrt(4)
+    for game in (central, secagg):
+        assert game["scores_without"].std(ddof=1) == pytest.approx(expected_std, rel=0.06)
+        assert game["scores_with"].mean() - game["scores_without"].mean() == pytest.approx(4.0, abs=0.5)
+    assert audited["mode"] == "secagg" and audited["nodes"] == 3
+    assert audited["epsilon_lower_bound"] <= audited["epsilon_claimed"]
+
+
+def test_secagg_audit_detects_shares_that_are_too_small(tmp_path: Path) -> None:
+    # execute: shares with a tenth of the noise; the audit must see the leak through the sum of node vectors
+    result = run_audit(
+        epsilon=1.0, break_mode="low-noise", output_dir=tmp_path, mode="secagg", nodes=2, min_replies=2, **SMALL
+    )
+
+    # assert
+    assert result["lower_bound_exceeds_claim"]
 
 
 def test_audit_is_reproducible_for_a_seed(tmp_path: Path) -> None:

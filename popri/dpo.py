@@ -92,6 +92,63 @@ def collate(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
+def full_row_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ log p(completion | prompt) per row of :func:`collate`'s batch: TRL's layout, each row prompt + completion."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
+
+
+def shared_prompt_logps(model: Any, pairs: list[TokenizedPair], pad_id: int) -> torch.Tensor:
+    """Σ log p(completion | prompt) of rows [chosen_1..B, rejected_1..B], as :func:`full_row_logps` on :func:`collate`.
+
+    Chosen and rejected share their prompt, which is most of each row (~150 of ~185 tokens in a default round), so
+    each prompt runs once: left-padded, with gradients flowing through its KV cache into the LoRA weights. The cache
+    is repeated for the two completions, which then run on it, right-padded. The first completion token is scored
+    from the prompt pass's last logits, the only prompt logits computed (``logits_to_keep=1``).
+    """
+    if any(not p.prompt_ids for p in pairs):  # nothing to share
+        device = next(model.parameters()).device
+        return full_row_logps(model, {k: v.to(device) for k, v in collate(pairs, pad_id).items()})
+    device = next(model.parameters()).device
+    b = len(pairs)
+    width = max(len(p.prompt_ids) for p in pairs)
+    prompt = torch.full((b, width), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((b, width), dtype=torch.long)
+    for i, p in enumerate(pairs):
+        prompt[i, width - len(p.prompt_ids) :] = torch.tensor(p.prompt_ids)
+        prompt_mask[i, width - len(p.prompt_ids) :] = 1
+    prompt, prompt_mask = prompt.to(device), prompt_mask.to(device)
+    out = model(
+        input_ids=prompt,
+        attention_mask=prompt_mask,
+        position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(2)  # rows: chosen_1, rejected_1, chosen_2, ... (differentiable)
+    completions = [c for p in pairs for c in (p.chosen_ids, p.rejected_ids)]
+    width_c = max(len(c) for c in completions)
+    ids = torch.full((2 * b, width_c), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((2 * b, width_c), dtype=torch.long)
+    for j, c in enumerate(completions):
+        ids[j, : len(c)] = torch.tensor(c)
+        completion_mask[j, : len(c)] = 1
+    ids, completion_mask = ids.to(device), completion_mask.to(device)
+    prompt_lens = prompt_mask.sum(-1).repeat_interleave(2)
+    out_c = model(
+        input_ids=ids,
+        attention_mask=torch.cat([prompt_mask.repeat_interleave(2, dim=0), completion_mask], dim=1),
+        position_ids=prompt_lens[:, None] + torch.arange(width_c, device=device)[None],
+        cache=cache,
+        use_cache=True,
+    )
+    logits = torch.cat([out.logits[:, -1:].repeat_interleave(2, dim=0), out_c.logits[:, :-1]], dim=1)
+    logps = torch.gather(logits.float().log_softmax(-1), 2, ids[:, :, None]).squeeze(-1)
+    rows = (logps * completion_mask).sum(-1)
+    return torch.cat([rows[0::2], rows[1::2]])
+
+
 class LoraDPO:
     """A LoRA adapter on a frozen base model, trained round after round with DPO.
 
@@ -123,23 +180,22 @@ class LoraDPO:
     def device(self) -> torch.device:
         return next(self.policy.parameters()).device
 
-    def _logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
+    def _logps(self, pairs: list[TokenizedPair]) -> torch.Tensor:
+        """log π of rows [chosen_1..B, rejected_1..B] (:func:`shared_prompt_logps`)."""
+        return shared_prompt_logps(self.policy, pairs, self.tokenizer.pad_token_id)
 
     @torch.no_grad()
-    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def reference_logps(self, pairs: list[TokenizedPair]) -> torch.Tensor:
         """log π_ref of every row: the same network with the adapter disabled, i.e. the original base model."""
         with self.policy.disable_adapter():
-            return self._logps(batch)
+            return self._logps(pairs)
 
     def step(self, pairs: list[TokenizedPair], ref_logps: torch.Tensor | None = None) -> dict[str, float]:
         """One optimizer step on a batch of pairs; returns the loss and reward metrics of that batch."""
-        batch = {k: v.to(self.device) for k, v in collate(pairs, self.tokenizer.pad_token_id).items()}
         if ref_logps is None:
-            ref_logps = self.reference_logps(batch)
+            ref_logps = self.reference_logps(pairs)
         n = len(pairs)
-        logps = self._logps(batch)
+        logps = self._logps(pairs)
         losses, chosen_rewards, rejected_rewards = dpo_sigmoid_loss(
             policy_chosen_logps=logps[:n],
             policy_rejected_logps=logps[n:],
@@ -174,8 +230,7 @@ class LoraDPO:
         ref: dict[int, tuple[float, float]] = {}
         for start in range(0, len(tokenized), bs):
             chunk = tokenized[start : start + bs]
-            batch = {k: v.to(self.device) for k, v in collate(chunk, self.tokenizer.pad_token_id).items()}
-            logps = self.reference_logps(batch).cpu()
+            logps = self.reference_logps(chunk).cpu()
             for i in range(len(chunk)):
                 ref[start + i] = (float(logps[i]), float(logps[len(chunk) + i]))
         history: list[dict[str, float]] = []

@@ -11,7 +11,7 @@ import torch
 from tiny_models import byte_tokenizer, randomize_lora, tiny_causal_lm
 
 from popri.config import TrainConfig
-from popri.dpo import LoraDPO, collate, dpo_sigmoid_loss, sequence_logps, tokenize_pair
+from popri.dpo import LoraDPO, collate, dpo_sigmoid_loss, full_row_logps, sequence_logps, tokenize_pair
 from popri.preferences import PreferencePair
 
 PAIRS = [PreferencePair(f"Prompt {i}: say something\n", f"good answer {i}", f"bad {i} answer here") for i in range(4)]
@@ -140,10 +140,11 @@ def test_reference_is_the_base_model_with_adapter_disabled():
     plain = copy.deepcopy(base)
     dpo = LoraDPO(base, tok, config=TrainConfig())
     randomize_lora(dpo.policy, seed=3)
-    batch = collate([tokenize_pair(tok, PAIRS[0])], tok.pad_token_id)
+    pair = tokenize_pair(tok, PAIRS[0])
+    batch = collate([pair], tok.pad_token_id)
 
     # Execute
-    ref = dpo.reference_logps(batch)
+    ref = dpo.reference_logps([pair])
     with torch.no_grad():
         expected = sequence_logps(
             plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
@@ -181,3 +182,28 @@ def test_generation_model_has_the_adapter_merged_in():
     merged = dpo.generation_model()
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, dpo.policy(input_ids=ids).logits, atol=1e-5)
+
+
+def test_shared_prompt_forward_gives_the_full_row_logps_and_gradients():
+    # Prepare: a tiny LoRA policy with a nonzero adapter, pairs whose prompts differ in length
+    tok = byte_tokenizer()
+    dpo = LoraDPO(tiny_causal_lm(tok), tok, config=TrainConfig(precision="fp32"))
+    randomize_lora(dpo.policy, seed=3)
+    pairs = [
+        tokenize_pair(tok, PreferencePair("Prompt one\n", "a good answer", "bad")),
+        tokenize_pair(tok, PreferencePair("A much longer second prompt here\n", "ok", "a rather long reply")),
+    ]
+
+    # Execute: TRL's layout (every row prompt + completion) and the shared-prompt forward LoraDPO uses
+    full = full_row_logps(dpo.policy, collate(pairs, tok.pad_token_id))
+    full.sum().backward()
+    grads_full = [p.grad.clone() for p in dpo.policy.parameters() if p.requires_grad]
+    dpo.optimizer.zero_grad(set_to_none=True)
+    shared = dpo._logps(pairs)
+    shared.sum().backward()
+    grads_shared = [p.grad.clone() for p in dpo.policy.parameters() if p.requires_grad]
+
+    # Assert: same log-probs and same LoRA gradients (the prompt's LoRA still trains through the shared cache)
+    assert torch.allclose(full, shared, atol=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads_full, grads_shared, strict=True))
+    assert any(float(g.abs().sum()) > 0 for g in grads_shared)

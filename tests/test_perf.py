@@ -115,32 +115,3 @@ def test_size_overrides_parse_and_reject_unknown_fields():
     assert sizes.prompts == 16 and sizes.texts_per_user == 7.5
     with pytest.raises(ValueError, match="invalid --perf-size"):
         sizes_with_overrides(PerfSizes(), ["nope=1"])
-
-
-def test_shared_prompt_logps_equal_full_row_logps():
-    # Prepare: a tiny LoRA policy with a nonzero adapter, pairs whose prompts differ in length
-    from benchmark.perf import _randomize_lora, shared_prompt_logps
-    from popri.config import TrainConfig
-    from popri.dpo import LoraDPO, collate, tokenize_pair
-    from popri.preferences import PreferencePair
-
-    tok = byte_tokenizer()
-    dpo = LoraDPO(tiny_causal_lm(tok), tok, config=TrainConfig())
-    _randomize_lora(dpo.policy, seed=3, scale=0.05)
-    pairs = [
-        tokenize_pair(tok, PreferencePair("Prompt one\n", "a good answer", "bad")),
-        tokenize_pair(tok, PreferencePair("A much longer second prompt here\n", "ok", "a rather long reply")),
-    ]
-
-    # Execute
-    full = dpo._logps(collate(pairs, tok.pad_token_id))
-    shared = shared_prompt_logps(dpo.policy, pairs, tok.pad_token_id)
-    full.sum().backward()
-    grads_full = [p.grad.clone() for p in dpo.policy.parameters() if p.requires_grad]
-    dpo.optimizer.zero_grad(set_to_none=True)
-    shared.sum().backward()
-    grads_shared = [p.grad.clone() for p in dpo.policy.parameters() if p.requires_grad]
-
-    # Assert: same log-probs and same LoRA gradients
-    assert torch.allclose(full, shared, atol=1e-4)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads_full, grads_shared, strict=True))

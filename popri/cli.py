@@ -20,6 +20,7 @@ def setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("flwr").propagate = False  # Flower prints its own lines; do not print them twice
 
 
 # flag -> config key; every other run setting is reachable through --set KEY=VALUE

@@ -2,7 +2,8 @@
 pairs → DPO → checkpoint, then the final synthetic corpus.
 
 ``collect`` is the only door to private data: it takes the round's sample embeddings and returns each node's
-clipped sum. The Flower ServerApp passes a function that sends messages; tests may pass anything.
+clipped sum (central mode: the server noises the total), or only the secure sum of the nodes' already noised vectors
+(secure-aggregation mode). The Flower ServerApp passes a function that sends messages; tests may pass anything.
 """
 
 from __future__ import annotations

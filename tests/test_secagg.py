@@ -31,6 +31,24 @@ def _server_context(cfg: dict[str, Any]) -> Any:
     return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(cfg))
 
 
+SECAGG = {"privacy-mode": "secagg", "min-replies": 2, "noise-multiplier": 1e-4, "secagg-clipping-range": 16.0}
+
+
+def _secure_sum(grid: InProcessGrid, cfg: dict[str, Any], embeddings: np.ndarray, **overrides: Any) -> Any:
+    """One SecAgg+ round over every node, as the ServerApp runs it (min-replies 2, range ±16)."""
+    kwargs: dict[str, Any] = {
+        "embeddings": embeddings,
+        "round_index": 0,
+        "sample_rate": 1.0,
+        "min_replies": 2,
+        "clipping_range": 16.0,
+        "timeout": 30.0,
+        "charge": lambda: None,
+        **overrides,
+    }
+    return secure_sum(grid, _server_context(cfg), sorted(NODES), **kwargs)
+
+
 def _unit_rows(n: int, dim: int = 384, seed: int = 0) -> np.ndarray:
     x = np.random.default_rng(seed).normal(size=(n, dim))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
@@ -61,12 +79,7 @@ def _arrays_in(message: Any) -> list[np.ndarray]:
 
 def test_secure_sum_is_the_nodes_total_and_no_reply_shows_a_node_vector(tiny_model_dir, user_file, tmp_path):
     # Prepare: a tiny noise share so that the sum can be checked against the plaintext node sums
-    cfg = tiny_run_config(
-        tiny_model_dir,
-        user_file,
-        tmp_path / "run",
-        **{"privacy-mode": "secagg", "min-replies": 2, "noise-multiplier": 1e-4, "secagg-clipping-range": 16.0},
-    )
+    cfg = tiny_run_config(tiny_model_dir, user_file, tmp_path / "run", **SECAGG)
     embeddings = _unit_rows(200)
     plain = _plain_node_sums(cfg, embeddings)
     seen: list[Any] = []
@@ -74,18 +87,7 @@ def test_secure_sum_is_the_nodes_total_and_no_reply_shows_a_node_vector(tiny_mod
     charged: list[int] = []
 
     # Execute
-    result = secure_sum(
-        grid,
-        _server_context(cfg),
-        sorted(NODES),
-        embeddings=embeddings,
-        round_index=0,
-        sample_rate=1.0,
-        min_replies=2,
-        clipping_range=16.0,
-        timeout=30.0,
-        charge=lambda: charged.append(1),
-    )
+    result = _secure_sum(grid, cfg, embeddings, charge=lambda: charged.append(1))
 
     # Assert: the sum of all three, charged once; quantisation step 2·16/2²² and the noise are far below 1e-3
     total = sum(plain.values())
@@ -108,29 +110,13 @@ def test_node_dropping_out_before_its_masked_vector_is_left_out_of_the_sum(tiny_
         configs = reply.content.config_records.get("secaggplus_configs")
         return None if node_id == 103 and configs is not None and "masked_params" in configs else reply
 
-    cfg = tiny_run_config(
-        tiny_model_dir,
-        user_file,
-        tmp_path / "run",
-        **{"privacy-mode": "secagg", "min-replies": 2, "noise-multiplier": 1e-4, "secagg-clipping-range": 16.0},
-    )
+    cfg = tiny_run_config(tiny_model_dir, user_file, tmp_path / "run", **SECAGG)
     embeddings = _unit_rows(50)
     plain = _plain_node_sums(cfg, embeddings)
     grid = InProcessGrid(make_client_app(), NODES, cfg, tamper=drop_masked_vector)
 
     # Execute
-    result = secure_sum(
-        grid,
-        _server_context(cfg),
-        sorted(NODES),
-        embeddings=embeddings,
-        round_index=0,
-        sample_rate=1.0,
-        min_replies=2,
-        clipping_range=16.0,
-        timeout=30.0,
-        charge=lambda: None,
-    )
+    result = _secure_sum(grid, cfg, embeddings)
 
     # Assert
     assert result.replies == 2 and result.dp_sum is not None
@@ -185,18 +171,7 @@ def test_node_refuses_a_secure_round_in_a_central_run(tiny_model_dir, user_file,
     grid = InProcessGrid(make_client_app(), NODES, cfg)
 
     # Execute
-    result = secure_sum(
-        grid,
-        _server_context(cfg),
-        sorted(NODES),
-        embeddings=_unit_rows(9),
-        round_index=0,
-        sample_rate=1.0,
-        min_replies=2,
-        clipping_range=16.0,
-        timeout=5.0,
-        charge=lambda: pytest.fail("nothing may be unmasked"),
-    )
+    result = _secure_sum(grid, cfg, _unit_rows(9), timeout=5.0, charge=lambda: pytest.fail("nothing may be unmasked"))
 
     # Assert
     assert result.dp_sum is None

@@ -86,12 +86,12 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
             min_replies=p.min_replies,
             rng=_node_rng(config, context.node_id, round_index, stream=1),
         )
-        if float(np.max(np.abs(noisy), initial=0.0)) >= p.secagg_clipping_range:
+        largest = float(np.max(np.abs(noisy), initial=0.0))
+        if largest >= p.secagg_clipping_range:
             # SecAgg+ would clip the entry and the noise would stop being Gaussian: drop out of the round instead.
-            raise ValueError(
-                f"a noisy score reaches {np.max(np.abs(noisy)):.1f} >= secagg-clipping-range "
-                f"{p.secagg_clipping_range}; raise it"
-            )
+            # The value stays in this node's log: the error reply goes to the server, which must not see it.
+            logger.warning("noisy score %.1f >= secagg-clipping-range %s: raise it", largest, p.secagg_clipping_range)
+            raise ValueError("a noisy score exceeds secagg-clipping-range; this node drops out of the round")
         res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([noisy]), num_examples=1, metrics={})
         return Message(fitres_to_recorddict(res, keep_input=True), reply_to=msg)
 

@@ -175,3 +175,19 @@ def test_node_refuses_a_secure_round_in_a_central_run(tiny_model_dir, user_file,
 
     # Assert
     assert result.dp_sum is None
+
+
+def test_node_whose_noisy_score_exceeds_the_range_drops_out_without_revealing_it(tiny_model_dir, user_file, tmp_path):
+    # Prepare: a range no noisy score fits in
+    cfg = tiny_run_config(tiny_model_dir, user_file, tmp_path / "run", **{**SECAGG, "secagg-clipping-range": 1e-6})
+    seen: list[Any] = []
+    grid = InProcessGrid(make_client_app(), NODES, cfg, tamper=lambda nid, reply: seen.append(reply) or reply)
+
+    # Execute
+    result = _secure_sum(grid, cfg, _unit_rows(9), charge=lambda: pytest.fail("nothing may be unmasked"))
+
+    # Assert: every node dropped out; the error replies say why but carry no value
+    errors = [reply.error.reason for reply in seen if reply.has_error()]
+    assert result.dp_sum is None
+    expected = "ValueError: a noisy score exceeds secagg-clipping-range; this node drops out of the round"
+    assert errors == [expected] * 3

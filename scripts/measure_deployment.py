@@ -124,9 +124,16 @@ def main() -> int:
     root = Path(args.out or tempfile.mkdtemp(prefix="popri-measure-")).absolute()
     root.mkdir(parents=True, exist_ok=True)
     settings = {
-        "prompts": args.prompts, "samples-per-prompt": args.samples_per_prompt, "rejected-rank": 1,
-        "max-new-tokens": args.max_new_tokens, "initial-set-size": 4, "final-samples": 0, "batch-size": 4,
-        "num-nodes": 2, "min-replies": 1, "epsilon": 7.0,
+        "prompts": args.prompts,
+        "samples-per-prompt": args.samples_per_prompt,
+        "rejected-rank": 1,
+        "max-new-tokens": args.max_new_tokens,
+        "initial-set-size": 4,
+        "final-samples": 0,
+        "batch-size": 4,
+        "num-nodes": 2,
+        "min-replies": 1,
+        "epsilon": 7.0,
     }
     cli_env = deploy.flower_env(root / "cli-home")
     py = [sys.executable, "-m", "popri.deploy"]
@@ -136,20 +143,58 @@ def main() -> int:
         deploy.write_certificates(root / "certs")
         app = deploy.write_app(root / "app")
         port = free_port()
-        procs.append(start([*py, "superlink", "--dir", str(root), "--port", str(port), "--federation", FEDERATION,
-                            "--poll-interval", "0.1"], cli_env, root / "superlink.log"))
+        procs.append(
+            start(
+                [
+                    *py,
+                    "superlink",
+                    "--dir",
+                    str(root),
+                    "--port",
+                    str(port),
+                    "--federation",
+                    FEDERATION,
+                    "--poll-interval",
+                    "0.1",
+                ],
+                cli_env,
+                root / "superlink.log",
+            )
+        )
         time.sleep(5)
         relay = CountingRelay(port)
         for name, (user, texts) in USERS.items():
             deploy.write_node_keys(root / "keys", name, overwrite=True)
-            subprocess.run([*py, "register", name, "--dir", str(root), "--federation", FEDERATION], env=cli_env,
-                           check=True, capture_output=True)
+            subprocess.run(
+                [*py, "register", name, "--dir", str(root), "--federation", FEDERATION],
+                env=cli_env,
+                check=True,
+                capture_output=True,
+            )
             data = root / f"{name}.jsonl"
             data.write_text("".join(json.dumps({"user": user, "text": t}) + "\n" for t in texts))
             link = relay.port if name == "node1" else port  # node1's traffic goes through the counting relay
-            procs.append(start([*py, "supernode", name, "--dir", str(root), "--superlink", f"127.0.0.1:{link}",
-                                "--data", str(data), "--port", str(free_port()), "--poll-interval", "0.1"],
-                               cli_env, root / f"{name}.log"))
+            procs.append(
+                start(
+                    [
+                        *py,
+                        "supernode",
+                        name,
+                        "--dir",
+                        str(root),
+                        "--superlink",
+                        f"127.0.0.1:{link}",
+                        "--data",
+                        str(data),
+                        "--port",
+                        str(free_port()),
+                        "--poll-interval",
+                        "0.1",
+                    ],
+                    cli_env,
+                    root / f"{name}.log",
+                )
+            )
         time.sleep(10)
         before, t0 = relay.total(), time.monotonic()
         time.sleep(30)
@@ -159,13 +204,14 @@ def main() -> int:
         for rounds in (1, args.rounds):
             out = root / f"deploy-{rounds}"
             start_bytes, t0 = relay.total(), time.monotonic()
-            run_id = deploy.submit_run(app, FEDERATION, {**settings, "rounds": rounds, "output": str(out)},
-                                       env=cli_env)
+            run_id = deploy.submit_run(app, FEDERATION, {**settings, "rounds": rounds, "output": str(out)}, env=cli_env)
             status = deploy.wait_for_run(FEDERATION, run_id, timeout=1800, env=cli_env)
             end_bytes = relay.total()
             result[f"deploy_{rounds}"] = {
-                "status": status, "wall_s": time.monotonic() - t0,
-                "bytes_up": end_bytes[0] - start_bytes[0], "bytes_down": end_bytes[1] - start_bytes[1],
+                "status": status,
+                "wall_s": time.monotonic() - t0,
+                "bytes_up": end_bytes[0] - start_bytes[0],
+                "bytes_down": end_bytes[1] - start_bytes[1],
                 "rounds": [r["seconds"] for r in rounds_of(out)],
             }
         extra = args.rounds - 1
@@ -183,9 +229,24 @@ def main() -> int:
         out = root / "simulation"
         sets = [f"--set={k}={v}" for k, v in {**settings, "validation-fraction": 0.0, "min-text-chars": 20}.items()]
         t0 = time.monotonic()
-        subprocess.run([sys.executable, "-m", "popri.cli", "run", "--rounds", str(args.rounds), "--data",
-                        str(sim_data), "--output", str(out), "--no-progress", *sets], check=True,
-                       env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "popri.cli",
+                "run",
+                "--rounds",
+                str(args.rounds),
+                "--data",
+                str(sim_data),
+                "--output",
+                str(out),
+                "--no-progress",
+                *sets,
+            ],
+            check=True,
+            env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
+        )
         result["simulation"] = {"wall_s": time.monotonic() - t0, "rounds": [r["seconds"] for r in rounds_of(out)]}
     (root / "measurements.json").write_text(json.dumps(result, indent=2) + "\n")
     sys.stdout.write(json.dumps(result, indent=2) + f"\nwritten to {root / 'measurements.json'}\n")

@@ -43,10 +43,15 @@ def dpo_sigmoid_loss(
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
+def scored_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t mask_t · log softmax(logits_t)[targets_t], with logits already aligned to their targets. -> (B,)."""
+    logps = torch.gather(logits.float().log_softmax(-1), 2, targets[:, :, None]).squeeze(-1)
+    return (logps * mask).sum(-1)
+
+
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
     """Σ_t log p(x_t | x_<t) over completion tokens. logits (B, T, V); input_ids, completion_mask (B, T) -> (B,)."""
-    logps = torch.gather(logits[:, :-1].float().log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(-1)
-    return (logps * completion_mask[:, 1:]).sum(-1)
+    return scored_logps(logits[:, :-1], input_ids[:, 1:], completion_mask[:, 1:])
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -106,10 +111,9 @@ def shared_prompt_logps(model: Any, pairs: list[TokenizedPair], pad_id: int) -> 
     is repeated for the two completions, which then run on it, right-padded. The first completion token is scored
     from the prompt pass's last logits, the only prompt logits computed (``logits_to_keep=1``).
     """
-    if any(not p.prompt_ids for p in pairs):  # nothing to share
-        device = next(model.parameters()).device
-        return full_row_logps(model, {k: v.to(device) for k, v in collate(pairs, pad_id).items()})
     device = next(model.parameters()).device
+    if any(not p.prompt_ids for p in pairs):  # nothing to share
+        return full_row_logps(model, {k: v.to(device) for k, v in collate(pairs, pad_id).items()})
     b = len(pairs)
     width = max(len(p.prompt_ids) for p in pairs)
     prompt = torch.full((b, width), pad_id, dtype=torch.long)
@@ -144,8 +148,7 @@ def shared_prompt_logps(model: Any, pairs: list[TokenizedPair], pad_id: int) -> 
         use_cache=True,
     )
     logits = torch.cat([out.logits[:, -1:].repeat_interleave(2, dim=0), out_c.logits[:, :-1]], dim=1)
-    logps = torch.gather(logits.float().log_softmax(-1), 2, ids[:, :, None]).squeeze(-1)
-    rows = (logps * completion_mask).sum(-1)
+    rows = scored_logps(logits, ids, completion_mask)
     return torch.cat([rows[0::2], rows[1::2]])
 
 

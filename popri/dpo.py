@@ -8,8 +8,10 @@ the common prefix of the tokenised prompt and prompt+completion), so a step here
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,8 @@ from popri.config import TrainConfig
 from popri.preferences import PreferencePair
 
 logger = logging.getLogger(__name__)
+
+REFERENCE_CHUNK = 8  # pairs per reference forward (no gradients, so larger batches fit; measured in docs/perf.md)
 
 
 def dpo_sigmoid_loss(
@@ -103,17 +107,30 @@ def full_row_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
 
 
+def head_logps(head: Any, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ_t mask_t · log softmax(head(hidden_t))[targets_t] per row; hidden (B, T, H), targets and mask (B, T) -> (B,).
+
+    The output layer and the float32 log-softmax run only at the scored positions: over a ~49k vocabulary they cost
+    as much as a fifth of the network per token, and padding is a good share of a batch's positions.
+    """
+    rows, cols = mask.nonzero(as_tuple=True)
+    logits = head(hidden[rows, cols]).float()
+    token_logps = -F.cross_entropy(logits, targets[rows, cols], reduction="none")
+    return torch.zeros(mask.shape[0], dtype=token_logps.dtype, device=hidden.device).index_add(0, rows, token_logps)
+
+
 def shared_prompt_logps(model: Any, pairs: list[TokenizedPair], pad_id: int) -> torch.Tensor:
     """Σ log p(completion | prompt) of rows [chosen_1..B, rejected_1..B], as :func:`full_row_logps` on :func:`collate`.
 
     Chosen and rejected share their prompt, which is most of each row (~150 of ~185 tokens in a default round), so
     each prompt runs once: left-padded, with gradients flowing through its KV cache into the LoRA weights. The cache
     is repeated for the two completions, which then run on it, right-padded. The first completion token is scored
-    from the prompt pass's last logits, the only prompt logits computed (``logits_to_keep=1``).
+    from the prompt pass's last hidden state; no other prompt position reaches the output layer (:func:`head_logps`).
     """
     device = next(model.parameters()).device
     if any(not p.prompt_ids for p in pairs):  # nothing to share
         return full_row_logps(model, {k: v.to(device) for k, v in collate(pairs, pad_id).items()})
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
     b = len(pairs)
     width = max(len(p.prompt_ids) for p in pairs)
     prompt = torch.full((b, width), pad_id, dtype=torch.long)
@@ -122,12 +139,11 @@ def shared_prompt_logps(model: Any, pairs: list[TokenizedPair], pad_id: int) -> 
         prompt[i, width - len(p.prompt_ids) :] = torch.tensor(p.prompt_ids)
         prompt_mask[i, width - len(p.prompt_ids) :] = 1
     prompt, prompt_mask = prompt.to(device), prompt_mask.to(device)
-    out = model(
+    out = decoder(
         input_ids=prompt,
         attention_mask=prompt_mask,
         position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
         use_cache=True,
-        logits_to_keep=1,
     )
     cache = out.past_key_values
     cache.batch_repeat_interleave(2)  # rows: chosen_1, rejected_1, chosen_2, ... (differentiable)
@@ -140,16 +156,31 @@ def shared_prompt_logps(model: Any, pairs: list[TokenizedPair], pad_id: int) -> 
         completion_mask[j, : len(c)] = 1
     ids, completion_mask = ids.to(device), completion_mask.to(device)
     prompt_lens = prompt_mask.sum(-1).repeat_interleave(2)
-    out_c = model(
+    out_c = decoder(
         input_ids=ids,
         attention_mask=torch.cat([prompt_mask.repeat_interleave(2, dim=0), completion_mask], dim=1),
         position_ids=prompt_lens[:, None] + torch.arange(width_c, device=device)[None],
         cache=cache,
         use_cache=True,
     )
-    logits = torch.cat([out.logits[:, -1:].repeat_interleave(2, dim=0), out_c.logits[:, :-1]], dim=1)
-    rows = scored_logps(logits, ids, completion_mask)
+    # The hidden state before each completion token: the prompt's last, then the completion's own but the last.
+    hidden = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(2, dim=0), out_c.last_hidden_state[:, :-1]], 1)
+    rows = head_logps(head, hidden, ids, completion_mask)
     return torch.cat([rows[0::2], rows[1::2]])
+
+
+@contextlib.contextmanager
+def _attention(model: Any, implementation: str) -> Iterator[None]:
+    """Run ``model`` with another attention implementation for the duration (transformers' dynamic switch)."""
+    before = model.config._attn_implementation
+    if before == implementation:
+        yield
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 class LoraDPO:
@@ -178,6 +209,7 @@ class LoraDPO:
             [p for p in self.policy.parameters() if p.requires_grad], lr=config.learning_rate
         )
         self.steps_done = 0
+        self._base_dtype = next(p.dtype for p in self.policy.parameters() if not p.requires_grad)
 
     @property
     def device(self) -> torch.device:
@@ -185,7 +217,29 @@ class LoraDPO:
 
     def _logps(self, pairs: list[TokenizedPair]) -> torch.Tensor:
         """log π of rows [chosen_1..B, rejected_1..B] (:func:`shared_prompt_logps`)."""
-        return shared_prompt_logps(self.policy, pairs, self.tokenizer.pad_token_id)
+        with self._kernels():
+            return shared_prompt_logps(self.policy, pairs, self.tokenizer.pad_token_id)
+
+    @contextlib.contextmanager
+    def _kernels(self) -> Iterator[None]:
+        """The fastest numerics that keep the base's precision, measured on a default DPO step (docs/perf.md).
+
+        A half-precision base runs under autocast and the LoRA branch takes the activations as they are: peft would
+        otherwise cast every activation to float32 and back in all 210 LoRA layers (the float32 adapter weights and
+        their gradients stay float32; the matmuls run in the base's precision, as TRL's ``bf16=True`` does). With a
+        backward on the CPU, attention runs eagerly: torch's CPU flash-attention backward took ~9 ms a layer where
+        eager matmuls take a fraction, so a step is ~10 % faster; without gradients, SDPA is the faster one.
+        """
+        dtype = self._base_dtype
+        with contextlib.ExitStack() as stack:
+            if dtype in (torch.bfloat16, torch.float16):
+                from peft.helpers import disable_input_dtype_casting
+
+                stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
+                stack.enter_context(disable_input_dtype_casting(self.policy))
+            if torch.is_grad_enabled() and self.device.type == "cpu":
+                stack.enter_context(_attention(self.policy.get_base_model(), "eager"))
+            yield
 
     @torch.no_grad()
     def reference_logps(self, pairs: list[TokenizedPair]) -> torch.Tensor:
@@ -231,11 +285,13 @@ class LoraDPO:
         tokenized = [tokenize_pair(self.tokenizer, p) for p in pairs]
         bs = self.config.batch_size
         ref: dict[int, tuple[float, float]] = {}
-        for start in range(0, len(tokenized), bs):
-            chunk = tokenized[start : start + bs]
-            logps = self.reference_logps(chunk).cpu()
-            for i in range(len(chunk)):
-                ref[start + i] = (float(logps[i]), float(logps[len(chunk) + i]))
+        # Any grouping gives the same values; pairs of similar prompt length waste the least padding.
+        by_length = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i].prompt_ids))
+        for start in range(0, len(by_length), REFERENCE_CHUNK):
+            idx = by_length[start : start + REFERENCE_CHUNK]
+            logps = self.reference_logps([tokenized[i] for i in idx]).cpu()
+            for k, i in enumerate(idx):
+                ref[i] = (float(logps[k]), float(logps[len(idx) + k]))
         history: list[dict[str, float]] = []
         total = self.config.epochs * ((len(tokenized) + bs - 1) // bs)
         with tqdm(total=total, desc="dpo", disable=not progress, unit="step", leave=False) as bar:

@@ -207,3 +207,41 @@ def test_shared_prompt_forward_gives_the_full_row_logps_and_gradients():
     assert torch.allclose(full, shared, atol=1e-4)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads_full, grads_shared, strict=True))
     assert any(float(g.abs().sum()) > 0 for g in grads_shared)
+
+
+def test_bfloat16_base_trains_a_float32_adapter_that_matches_the_float32_policy():
+    # Prepare: the same nonzero adapter on a float32 and on a bfloat16 copy of one tiny base
+    tok = byte_tokenizer()
+    base = tiny_causal_lm(tok)
+    fp32 = LoraDPO(copy.deepcopy(base), tok, config=TrainConfig(precision="fp32"))
+    bf16 = LoraDPO(copy.deepcopy(base).to(torch.bfloat16), tok, config=TrainConfig())
+    randomize_lora(fp32.policy, seed=4)
+    randomize_lora(bf16.policy, seed=4)
+    pairs = [tokenize_pair(tok, p) for p in PAIRS]
+    lora_before = {k: v.detach().clone() for k, v in bf16.policy.named_parameters() if v.requires_grad}
+
+    # Execute
+    with torch.no_grad():
+        logps_fp32, logps_bf16 = fp32._logps(pairs), bf16._logps(pairs)
+    bf16.step(pairs)
+
+    # Assert: bf16 matmuls give the float32 log-probs to bf16 precision; the adapter stays float32 and trains
+    assert logps_bf16.dtype == torch.float32
+    assert torch.allclose(logps_bf16, logps_fp32, rtol=2e-2)
+    lora_after = dict(bf16.policy.named_parameters())
+    assert all(lora_after[k].dtype == torch.float32 for k in lora_before)
+    assert any(not torch.equal(v, lora_after[k]) for k, v in lora_before.items())
+
+
+def test_a_training_step_leaves_the_attention_implementation_as_it_found_it():
+    # Prepare: a model on SDPA (CPU steps switch to eager attention for their backward)
+    tok = byte_tokenizer()
+    dpo = LoraDPO(tiny_causal_lm(tok), tok, config=TrainConfig())
+    before = dpo.policy.get_base_model().config._attn_implementation
+
+    # Execute
+    dpo.step([tokenize_pair(tok, p) for p in PAIRS[:2]])
+
+    # Assert
+    assert before == "sdpa"
+    assert dpo.policy.get_base_model().config._attn_implementation == before

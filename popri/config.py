@@ -40,6 +40,13 @@ class GenerationConfig:
         metadata={"help": "public instruction that makes the initial set (never private data)"},
     )
     generation_batch_size: int = field(default=32, metadata={"help": "prompts decoded together"})
+    generation_backend: str = field(
+        default="torch",
+        metadata={"help": "'torch' (popri's sampler, CPU or GPU) or 'vllm' (CUDA only; pip install -e '.[gpu]')"},
+    )
+    vllm_gpu_memory: float = field(
+        default=0.3, metadata={"help": "share of GPU memory vLLM may claim (DPO trains on the same GPU)"}
+    )
 
     def __post_init__(self) -> None:
         _check(self.prompts >= 1, "prompts", f"must be >= 1, got {self.prompts}")
@@ -50,6 +57,12 @@ class GenerationConfig:
         _check(0 < self.top_p <= 1, "top-p", f"must be in (0, 1], got {self.top_p}")
         _check(self.initial_set_size >= 3, "initial-set-size", f"prompts draw 3 samples; got {self.initial_set_size}")
         _check(self.generation_batch_size >= 1, "generation-batch-size", "must be >= 1")
+        _check(
+            self.generation_backend in ("torch", "vllm"),
+            "generation-backend",
+            f"use 'torch' or 'vllm', got {self.generation_backend!r}",
+        )
+        _check(0 < self.vllm_gpu_memory < 1, "vllm-gpu-memory", f"must be in (0, 1), got {self.vllm_gpu_memory}")
 
 
 @dataclass(frozen=True)

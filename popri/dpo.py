@@ -13,6 +13,7 @@ import copy
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -310,6 +311,11 @@ class LoraDPO:
         merged = copy.deepcopy(self.policy).merge_and_unload()
         merged.eval()
         return merged.to(dtype) if dtype is not None else merged
+
+    def save_adapter(self, directory: Path) -> Path:
+        """The adapter alone in peft's format (adapter_config.json, safetensors), e.g. for a vLLM engine."""
+        self.policy.save_pretrained(str(directory))
+        return directory
 
     def state_dict(self) -> dict[str, Any]:
         from peft import get_peft_model_state_dict

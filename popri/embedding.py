@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from popri.assets import minilm_path
+from popri.assets import best_device, minilm_path
 from popri.data import UserData
 from popri.scoring import user_embedding_sums
 
@@ -18,9 +18,10 @@ logger = logging.getLogger(__name__)
 
 
 def load_embedder(path: str | Path | None = None) -> Any:
+    """The sentence embedder, on the best device this machine has (a node's own GPU when it has one)."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(path or minilm_path()), device="cpu")
+    return SentenceTransformer(str(path or minilm_path()), device=str(best_device()))
 
 
 def embed_texts(embedder: Any, texts: list[str], *, batch_size: int = 64, progress: bool = False) -> np.ndarray:

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from popri import checkpoint as ckpt
-from popri.assets import load_generator
+from popri.assets import generator_dir, load_generator
 from popri.config import ConfigError, RunConfig, config_to_flat, save_config
 from popri.data import load_user_data, split_users
 from popri.dpo import LoraDPO
@@ -37,6 +37,7 @@ from popri.privacy import (
     make_noise_rng,
     validate_node_sum,
 )
+from popri.vllm_backend import VllmSampler, vllm_unavailable_reason
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class PopriRun:
         dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
         model, self.tokenizer = load_generator(config.generation.model, cache_dir=cache, dtype=dtype)
         self.dpo = LoraDPO(model, self.tokenizer, config=config.train)
+        self.vllm = self._start_vllm() if config.generation.generation_backend == "vllm" else None
         self.embedder = load_embedder()
         g = config.generation
         self.initial_set = make_initial_set(
@@ -222,9 +224,32 @@ class PopriRun:
 
     # -- the rounds --------------------------------------------------------------------------------------------
 
+    def _start_vllm(self) -> VllmSampler:
+        reason = vllm_unavailable_reason()
+        if reason:
+            raise ConfigError(f"invalid config key 'generation-backend': 'vllm' cannot run here: {reason}")
+        c = self.config
+        model_dir = generator_dir(c.generation.model, cache_dir=c.resolved_cache_dir())
+        return VllmSampler(model_dir, lora_rank=c.train.lora_r, gpu_memory=c.generation.vllm_gpu_memory, seed=c.seed)
+
     def _generate(self, num_prompts: int, samples_per_prompt: int, desc: str) -> tuple[list[str], list[str]]:
         g = self.config.generation
         prompts = build_prompts(self.initial_set, num_prompts=num_prompts, rng=self.prompt_rng)
+        if self.vllm is not None:
+            adapter = self.dpo.save_adapter(self.out / "serving-adapter")  # the policy as it is now
+            samples = self.vllm.sample(
+                prompts,
+                self.tokenizer,
+                adapter_dir=adapter,
+                samples_per_prompt=samples_per_prompt,
+                max_new_tokens=g.max_new_tokens,
+                token_budget=g.token_budget,
+                temperature=g.temperature,
+                top_p=g.top_p,
+                generator=self.sample_gen,
+                progress=self.progress,
+            )
+            return prompts, samples
         sampler = self.dpo.generation_model(torch.bfloat16)  # merged adapter; bf16 measured 2-3x faster here
         samples = sample_completions(
             sampler,

@@ -707,9 +707,10 @@ def bench_dpo(
 
 
 def bench_shared_prompt(assets: PerfAssets, pairs: list[Any], sizes: PerfSizes, *, repeats: int = 2) -> dict[str, Any]:
-    """Policy forward + backward of one DPO batch: full prompt + completion rows (TRL's layout, popri before the
-    shared prompt) vs :func:`popri.dpo.shared_prompt_logps` (bf16 base). Also checks, on a float32 copy, that both
-    give the same log-probs.
+    """Policy forward + backward of one DPO batch (bf16 base): full prompt + completion rows (TRL's layout, popri
+    before the shared prompt) vs :func:`popri.dpo.shared_prompt_logps` vs ``LoraDPO._logps`` (the shared prompt under
+    LoraDPO's autocast and attention choices). Also checks, on a float32 copy, that rows and shared prompt give the
+    same log-probs.
     """
     from popri.config import TrainConfig
     from popri.dpo import LoraDPO, collate, full_row_logps, shared_prompt_logps, tokenize_pair
@@ -733,12 +734,22 @@ def bench_shared_prompt(assets: PerfAssets, pairs: list[Any], sizes: PerfSizes, 
         shared_prompt_logps(dpo.policy, batch, tok.pad_token_id).sum().backward()
         dpo.optimizer.zero_grad(set_to_none=True)
 
+    def kernels() -> None:  # what LoraDPO runs: the shared prompt under its autocast / attention choices
+        dpo._logps(batch).sum().backward()
+        dpo.optimizer.zero_grad(set_to_none=True)
+
     shared()  # warm-up
-    times, _ = interleaved({"full": full, "shared": shared}, repeats)
+    kernels()
+    times, _ = interleaved({"full": full, "shared": shared, "kernels": kernels}, repeats)
     prompt_tokens = sum(len(p.prompt_ids) for p in batch)
     completion_tokens = sum(len(p.chosen_ids) + len(p.rejected_ids) for p in batch)
     return {
-        "what": "policy forward + backward of one DPO batch (bf16 base, fp32 LoRA): popri's rows vs shared prompt",
+        "what": (
+            "policy forward + backward of one DPO batch, bf16 base and fp32 LoRA: full rows with the output layer at "
+            "every position (TRL's layout) vs popri.dpo.shared_prompt_logps (each prompt once, output layer only at "
+            "scored positions) vs LoraDPO's pass (the same, plus bf16 autocast for the LoRA branch and eager "
+            "attention for the CPU backward)"
+        ),
         "pairs": len(batch),
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -747,6 +758,8 @@ def bench_shared_prompt(assets: PerfAssets, pairs: list[Any], sizes: PerfSizes, 
         "full_s": round(_median(times["full"]), 3),
         "shared_s": round(_median(times["shared"]), 3),
         "speedup": round(_median(times["full"]) / _median(times["shared"]), 2),
+        "kernels_s": round(_median(times["kernels"]), 3),
+        "speedup_with_kernels": round(_median(times["full"]) / _median(times["kernels"]), 2),
         "runs_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
         "max_abs_logp_difference_fp32": diff,
     }
@@ -1243,8 +1256,13 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += [
             "",
             f"Ablation, shared-prompt DPO forward ({ab['what']}; {ab['pairs']} pairs, {ab['row_tokens_full']} -> "
-            f"{ab['row_tokens_shared']} tokens): {ab['full_s']} s -> {ab['shared_s']} s, x{ab['speedup']}; "
-            f"largest log-prob difference in float32 {ab['max_abs_logp_difference_fp32']:.1e}.",
+            f"{ab['row_tokens_shared']} tokens): {ab['full_s']} s -> {ab['shared_s']} s, x{ab['speedup']}"
+            + (
+                f"; with LoraDPO's kernels {ab['kernels_s']} s, x{ab['speedup_with_kernels']}; "
+                if "kernels_s" in ab
+                else "; "
+            )
+            + f"largest log-prob difference in float32 {ab['max_abs_logp_difference_fp32']:.1e}.",
         ]
     tc = result.get("threads_check")
     if tc:

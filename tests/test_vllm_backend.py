@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -28,7 +28,7 @@ from popri.vllm_backend import VllmSampler, vllm_unavailable_reason
 class FakeLLM:
     """Records what popri asks for; answers prompt k's sample j with 'line k.j' plus text past the next header."""
 
-    instances: list[FakeLLM] = []
+    instances: ClassVar[list[FakeLLM]] = []
 
     def __init__(self, **kwargs: Any) -> None:
         self.init = kwargs
@@ -149,5 +149,5 @@ def test_vllm_backend_is_refused_by_key_with_the_reason(
     with pytest.raises(ConfigError, match="generation-backend"):
         config_from_flat({**flat, "generation-backend": "tgi"})
     assert "not installed" in (vllm_unavailable_reason() or "")
-    with pytest.raises(ConfigError, match="generation-backend.*not installed"):
+    with pytest.raises(ConfigError, match=r"generation-backend.*not installed"):
         PopriRun(config_from_flat(flat), progress=False)

@@ -12,15 +12,12 @@ samples; vLLM's kernels are not bitwise deterministic across GPUs, so a resumed 
 from __future__ import annotations
 
 import importlib.util
-import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from popri.generation import SAMPLE_HEADER, clean_completion, truncate_tokens
-
-logger = logging.getLogger(__name__)
 
 # Cut generation where clean_completion would cut it anyway: the next sample header or a chat-turn marker.
 STOP_STRINGS = [SAMPLE_HEADER, "<|im_start|>", "<|im_end|>"]

@@ -235,35 +235,22 @@ class PopriRun:
     def _generate(self, num_prompts: int, samples_per_prompt: int, desc: str) -> tuple[list[str], list[str]]:
         g = self.config.generation
         prompts = build_prompts(self.initial_set, num_prompts=num_prompts, rng=self.prompt_rng)
+        # The same sampling settings for either backend.
+        sampling: dict[str, Any] = {
+            "samples_per_prompt": samples_per_prompt,
+            "max_new_tokens": g.max_new_tokens,
+            "token_budget": g.token_budget,
+            "temperature": g.temperature,
+            "top_p": g.top_p,
+            "generator": self.sample_gen,
+            "progress": self.progress,
+        }
         if self.vllm is not None:
             adapter = self.dpo.save_adapter(self.out / "serving-adapter")  # the policy as it is now
-            samples = self.vllm.sample(
-                prompts,
-                self.tokenizer,
-                adapter_dir=adapter,
-                samples_per_prompt=samples_per_prompt,
-                max_new_tokens=g.max_new_tokens,
-                token_budget=g.token_budget,
-                temperature=g.temperature,
-                top_p=g.top_p,
-                generator=self.sample_gen,
-                progress=self.progress,
-            )
-            return prompts, samples
+            return prompts, self.vllm.sample(prompts, self.tokenizer, adapter_dir=adapter, **sampling)
         sampler = self.dpo.generation_model(torch.bfloat16)  # merged adapter; bf16 measured 2-3x faster here
         samples = sample_completions(
-            sampler,
-            self.tokenizer,
-            prompts,
-            samples_per_prompt=samples_per_prompt,
-            max_new_tokens=g.max_new_tokens,
-            token_budget=g.token_budget,
-            temperature=g.temperature,
-            top_p=g.top_p,
-            batch_size=g.generation_batch_size,
-            generator=self.sample_gen,
-            progress=self.progress,
-            desc=desc,
+            sampler, self.tokenizer, prompts, batch_size=g.generation_batch_size, desc=desc, **sampling
         )
         del sampler
         gc.collect()  # the merged copy holds a full set of weights: free it before DPO allocates

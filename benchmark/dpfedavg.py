@@ -50,9 +50,9 @@ from tqdm.auto import tqdm
 
 from benchmark.config import DPFedAvgConfig
 from benchmark.downstream import seeded_torch, sequence_loss
-from benchmark.flower_grid import InProcessGrid
 from popri.data import partition_users
 from popri.privacy import PrivacyLedger, calibrate_noise, poisson_sample
+from server.grid import InProcessGrid
 
 logger = logging.getLogger(__name__)
 

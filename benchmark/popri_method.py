@@ -6,7 +6,7 @@ eps0 differ only in how they use private data. popri's ``synthetic.jsonl`` is th
 on; ``privacy.json`` gives the ε its ledger spent.
 
 Backends: ``simulation`` runs popri's own Flower simulation entry point (Ray, virtual SuperNodes); ``inprocess``
-runs the same ServerApp and ClientApp over :class:`benchmark.flower_grid.InProcessGrid` (no Ray: for tests and small
+runs the same ServerApp and ClientApp over :class:`server.grid.InProcessGrid` (no Ray: for tests and small
 machines).
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from benchmark.config import BenchConfig, DataSpec
 from benchmark.corpus import read_corpus
-from benchmark.flower_grid import InProcessGrid
+from server.grid import InProcessGrid
 
 logger = logging.getLogger(__name__)
 

@@ -10,18 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from popri.config import ConfigError, RunConfig, config_from_flat
-
-
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("flwr").propagate = False  # Flower prints its own lines; do not print them twice
-
+from popri.logs import setup_logging
 
 # flag -> config key; every other run setting is reachable through --set KEY=VALUE
 _RUN_FLAGS = {

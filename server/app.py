@@ -11,8 +11,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from popri.cli import setup_logging
 from popri.config import config_from_flat, split_run_options
+from popri.logs import setup_logging
 from popri.rounds import NodeReply, PopriRun, SecureSum
 from server.secagg import secure_sum
 

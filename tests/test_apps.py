@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import InProcessGrid, run_server, tiny_run_config
 
 from client.app import make_client_app
 from popri.privacy import compute_epsilon
+from tests.helpers import InProcessGrid, run_server, tiny_run_config
 
 NODES = {101: {"partition-id": 0, "num-partitions": 2}, 102: {"partition-id": 1, "num-partitions": 2}}
 

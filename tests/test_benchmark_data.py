@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import byte_tokenizer
 
 from benchmark.config import DataSpec
 from benchmark.datasets import (
@@ -19,6 +18,7 @@ from benchmark.datasets import (
     write_user_jsonl,
 )
 from popri.data import from_records, read_user_file
+from tests.tiny_models import byte_tokenizer
 
 
 def _users(n: int, per_user: int = 4) -> list[tuple[str, str]]:

@@ -10,9 +10,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.supercore.differential_privacy import compute_stdv
 
 from benchmark.dpfedavg import UserLevelDPFedAvg, clip_update, l2_norm
-from benchmark.flower_grid import set_task_identity
 from benchmark.pe import nearest_sample, user_vote_sum
 from popri.privacy import PrivacyLedger, calibrate_noise, compute_epsilon
+from server.grid import set_task_identity
 
 
 def test_popri_and_pe_accountant_known_values() -> None:

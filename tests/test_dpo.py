@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tiny_models import byte_tokenizer, randomize_lora, tiny_causal_lm
 
 from popri.config import TrainConfig
 from popri.dpo import LoraDPO, collate, dpo_sigmoid_loss, full_row_logps, sequence_logps, tokenize_pair
 from popri.preferences import PreferencePair
+from tests.tiny_models import byte_tokenizer, randomize_lora, tiny_causal_lm
 
 PAIRS = [PreferencePair(f"Prompt {i}: say something\n", f"good answer {i}", f"bad {i} answer here") for i in range(4)]
 
@@ -67,7 +68,7 @@ def test_collate_puts_chosen_rows_first_and_masks_only_completions():
     assert first.chosen_ids[-1] == tok.eos_token_id  # EOS appended, as TRL does
 
 
-def test_first_step_loss_matches_trl_dpotrainer():
+def test_first_step_loss_matches_trl_dpotrainer(tmp_path: Path) -> None:
     # Prepare: the same tiny model, the same nonzero adapter (so the loss is not trivially ln 2), the same pairs
     from datasets import Dataset
     from peft import LoraConfig, set_peft_model_state_dict
@@ -83,7 +84,7 @@ def test_first_step_loss_matches_trl_dpotrainer():
         r=16, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules="all-linear", task_type="CAUSAL_LM"
     )
     args = DPOConfig(
-        output_dir="/tmp/popri-trl-test",
+        output_dir=str(tmp_path / "trl"),
         per_device_train_batch_size=4,
         learning_rate=1e-3,
         beta=0.1,

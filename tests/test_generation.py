@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import byte_tokenizer, tiny_causal_lm
 
 from popri.generation import (
     _sample_next,
@@ -16,6 +15,7 @@ from popri.generation import (
     sample_completions,
     truncate_tokens,
 )
+from tests.tiny_models import byte_tokenizer, tiny_causal_lm
 
 
 def test_prompt_follows_the_paper_template():

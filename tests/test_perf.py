@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import byte_tokenizer, tiny_causal_lm
 
 from benchmark.perf import (
     PerfAssets,
@@ -23,6 +22,7 @@ from benchmark.perf import (
 from popri.data import read_user_file
 from popri.embedding import load_embedder
 from popri.scoring import clipped_scores_sum, user_embedding_sums
+from tests.tiny_models import byte_tokenizer, tiny_causal_lm
 
 
 def test_reference_loop_and_vectorised_scoring_agree():

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import InProcessGrid, run_server, tiny_run_config
 
 from client.app import make_client_app
 from server.app import query_nodes
 from server.secagg import secure_sum
+from tests.helpers import InProcessGrid, run_server, tiny_run_config
 
 NODES = {
     101: {"partition-id": 0, "num-partitions": 3},

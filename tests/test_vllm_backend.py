@@ -14,15 +14,15 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_run_config
 from safetensors.torch import load_file
-from tiny_models import byte_tokenizer, randomize_lora, tiny_causal_lm
 
 from popri.config import ConfigError, TrainConfig, config_from_flat
 from popri.dpo import LoraDPO
 from popri.generation import SAMPLE_HEADER
 from popri.rounds import NodeReply, PopriRun
 from popri.vllm_backend import VllmSampler, vllm_unavailable_reason
+from tests.helpers import tiny_run_config
+from tests.tiny_models import byte_tokenizer, randomize_lora, tiny_causal_lm
 
 
 class FakeLLM:

@@ -8,8 +8,9 @@ after another, which is what a 2-core machine would do anyway. Built after the r
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -32,21 +33,26 @@ class InProcessGrid(Grid):
 
     ``node_configs`` maps node id -> node config (``{"partition-id": i, "num-partitions": n}`` as in a simulation).
     A ClientApp exception becomes an error reply, as a SuperNode would send. ``context.state`` persists per node.
+    Each node gets its own copy of a message, as after a real transport (SecAgg+'s mod edits what it receives).
+    Nodes in ``dead`` never answer; ``tamper(node_id, reply)`` may rewrite a reply (a broken or hostile node) or
+    lose it (return None), for tests of the server's defences.
     """
 
     def __init__(
         self,
         client_app: Any,
         node_configs: Mapping[int, dict[str, Any]],
-        *,
         run_config: dict[str, Any] | None = None,
+        *,
         run_id: int = 1,
+        tamper: Callable[[int, Message], Message | None] | None = None,
     ) -> None:
         set_task_identity(run_id=run_id)
         self.client_app = client_app
+        self.tamper = tamper
         self.dead: set[int] = set()
         self._run: Any = None
-        self._sent = 0
+        self.sent = 0  # messages delivered so far
         self._mailbox: dict[str, Message] = {}
         self.contexts = {
             nid: Context(
@@ -72,16 +78,17 @@ class InProcessGrid(Grid):
 
     def _deliver(self, message: Message) -> Message | None:
         """The node's reply (an error reply if its ClientApp raised), or None if the node is down."""
-        self._sent += 1
-        message.metadata.__dict__["_message_id"] = f"inprocess-{self._sent}"  # as Flower's InMemoryGrid does
+        self.sent += 1
+        message.metadata.__dict__["_message_id"] = f"inprocess-{self.sent}"  # as Flower's InMemoryGrid does
         nid = message.metadata.dst_node_id
         if nid in self.dead:
             return None  # a dropped node never answers
         try:
-            return self.client_app(message, self.contexts[nid])
+            reply = self.client_app(copy.deepcopy(message), self.contexts[nid])
         except Exception as err:  # a ClientApp crash must look like a node's error reply, not stop the server
             logger.warning("node %d failed: %s: %s", nid, type(err).__name__, err)
-            return Message(Error(code=ERROR_CLIENT_EXCEPTION, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+            reply = Message(Error(code=ERROR_CLIENT_EXCEPTION, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+        return self.tamper(nid, reply) if self.tamper is not None else reply
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Delivers at once; the replies wait in a mailbox until pulled."""

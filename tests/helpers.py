@@ -1,0 +1,56 @@
+"""Helpers the tests share: tiny private data, a tiny run config, and the real ServerApp run in this process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from server.grid import InProcessGrid
+
+__all__ = ["ROLES", "InProcessGrid", "run_server", "tiny_run_config"]
+
+ROLES = {
+    "sailor": ["the sea is wide and the wind is cold tonight", "hoist the sails before the storm", "we sail at dawn"],
+    "baker": ["the bread rises in the warm oven", "flour and butter and a pinch of salt", "fresh loaves at dawn"],
+    "king": ["my crown weighs heavy on my head", "bring me the traitor in chains", "the realm must hold"],
+    "poet": ["the moon is a silver coin in the sky", "my verses fade like morning dew", "love is a red rose"],
+}
+
+
+def tiny_run_config(model_dir: Path, data: Path, output: Path, **overrides: Any) -> dict[str, Any]:
+    flat = {
+        "model": str(model_dir),
+        "data": str(data),
+        "output": str(output),
+        "cache-dir": str(output.parent / "cache"),
+        "rounds": 2,
+        "prompts": 3,
+        "samples-per-prompt": 3,
+        "rejected-rank": 2,
+        "max-new-tokens": 12,
+        "token-budget": 16,
+        "initial-set-size": 6,
+        "final-samples": 4,
+        "batch-size": 2,
+        "epsilon": 7.0,
+        "num-nodes": 2,
+        "validation-fraction": 0.25,
+        "min-text-chars": 5,
+        "noise-seed": 123,
+    }
+    flat.update(overrides)
+    return flat
+
+
+def run_server(grid: InProcessGrid, run_config: dict[str, Any]) -> None:
+    """The real ServerApp main, in this process, against ``grid``."""
+    from flwr.app import Context, RecordDict
+
+    from server.app import make_server_app
+
+    errors: list[BaseException] = []
+    app = make_server_app(errors=errors)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+    app(grid, context)
+    if errors:
+        raise errors[0]

@@ -32,7 +32,8 @@ def user_embedding_sums(private_embeddings: np.ndarray, user_index: np.ndarray, 
 
 def raw_user_scores(sample_embeddings: np.ndarray, user_sums: np.ndarray) -> np.ndarray:
     """raw_scores[u, j] = Σ_{x ∈ D_u} cos(e_j, x), shape (users, samples). Private: never leaves the client."""
-    return user_sums @ sample_embeddings.astype(np.float64).T
+    with np.errstate(over="ignore", invalid="ignore"):  # a broken user's NaN/inf row is zeroed by the clip
+        return user_sums @ sample_embeddings.astype(np.float64).T
 
 
 def _clip_rows(raw_scores: np.ndarray, *, max_norm: float, eps: float) -> tuple[np.ndarray, bool]:
@@ -47,7 +48,7 @@ def _clip_rows(raw_scores: np.ndarray, *, max_norm: float, eps: float) -> tuple[
         norms = np.linalg.norm(z, axis=1, keepdims=True)
         scale = np.minimum(1.0, max_norm / np.maximum(norms, eps))
         clipped = z * scale
-    overflowed = ~np.all(np.isfinite(clipped), axis=1)
+    overflowed = ~np.all(np.isfinite(clipped), axis=1) | ~np.isfinite(std[:, 0])
     clipped[overflowed] = 0.0
     return clipped, bool((~finite).any() or overflowed.any())
 
@@ -79,8 +80,7 @@ def clipped_scores_sum(sample_embeddings: np.ndarray, user_sums: np.ndarray, *, 
     total = np.zeros(sample_embeddings.shape[0], dtype=np.float64)
     broken = False
     for start in range(0, user_sums.shape[0], chunk):
-        with np.errstate(over="ignore", invalid="ignore"):
-            raw = raw_user_scores(sample_embeddings, user_sums[start : start + chunk])
+        raw = raw_user_scores(sample_embeddings, user_sums[start : start + chunk])
         rows, chunk_broken = _clip_rows(raw, max_norm=SENSITIVITY, eps=1e-12)
         total += rows.sum(axis=0)
         broken = broken or chunk_broken

@@ -514,13 +514,22 @@ class NodeScorer:
 _PREPARED: dict[tuple[Any, ...], NodeScorer] = {}
 
 
+def _file_version(path: str) -> tuple[int, int] | None:
+    """(mtime, size) of a data file, so that an edited file is read again by a long-lived process."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
 def prepare_node(config: RunConfig, source: NodeSource, *, cache_dir: Path, progress: bool = True) -> NodeScorer:
     """Load the node's private users and their embedding sums (disk-cached, then kept in this process).
 
     Called on ``query.prepare`` so the slow first embedding never runs under a round's reply deadline; a scoring
     message on an unprepared node calls it too. Unreadable data is refused with ``popri/data-unavailable``.
     """
-    key = (source, config.data, config.seed, str(cache_dir))
+    key = (source, config.data, config.seed, str(cache_dir), _file_version(source.data_path or config.data.data))
     if key not in _PREPARED:
         try:
             users = _load_source_users(config, source)

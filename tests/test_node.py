@@ -399,3 +399,19 @@ def test_secagg_setup_weaker_than_the_run_is_refused(clipping_range, threshold, 
     # Execute / Assert
     with pytest.raises(NodeRefusal):
         check_secagg_setup(config, clipping_range=clipping_range, threshold=threshold, max_weight=max_weight)
+
+
+def test_node_with_one_broken_user_still_replies_a_finite_sum_of_the_others():
+    # Prepare: three users, the second one's private embedding sum is NaN (a broken text on the device)
+    rng = np.random.default_rng(0)
+    sums = rng.normal(size=(3, 8))
+    samples = rng.normal(size=(5, 8))
+    healthy = NodeScorer(sums[[0, 2]]).score(samples, sample_rate=1.0, rng=np.random.default_rng(0))[0]
+    sums[1] = np.nan
+
+    # Execute
+    node_sum, n = NodeScorer(sums).score(samples, sample_rate=1.0, rng=np.random.default_rng(0))
+
+    # Assert
+    assert n == 3 and np.all(np.isfinite(node_sum))
+    np.testing.assert_allclose(node_sum, healthy, rtol=0, atol=1e-12)

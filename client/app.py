@@ -32,6 +32,7 @@ from popri.node import (
     NodeScorer,
     NodeSource,
     check_round_request,
+    check_run_settings,
     check_sample_embeddings,
     check_secagg_setup,
     error_code_for,
@@ -113,6 +114,7 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
     def prepare(msg: Message, context: Context) -> Message:
         """Build (and cache) the private embeddings before any round deadline; answer the source tag only."""
         node = _Node(context, overrides)
+        check_run_settings(node.config)  # refuse early what every round would refuse
         tag = node.tag(_round_config(msg).get("source-salt"))
         node.scorer()
         return Message(RecordDict({"source": ConfigRecord({"tag": tag})}), reply_to=msg)

@@ -325,6 +325,16 @@ class NodePolicy:
                 )
 
 
+def check_run_settings(config: RunConfig) -> None:
+    """Run settings no node takes part in: secure aggregation with a ``noise-seed`` (the server would know every
+    noise share, so the sum it unmasks would carry no noise it cannot subtract)."""
+    if config.privacy.privacy_mode == "secagg" and config.privacy.noise_seed is not None:
+        raise NodeRefusal(
+            NodeErrorCode.POLICY_REFUSED,
+            "secure aggregation with a noise-seed: the server would know every noise share; remove noise-seed",
+        )
+
+
 def check_round_request(config: RunConfig, *, mode: str, sample_rate: float) -> None:
     """What every scoring message must satisfy before the node touches its data.
 
@@ -338,11 +348,7 @@ def check_round_request(config: RunConfig, *, mode: str, sample_rate: float) -> 
         raise NodeRefusal(
             NodeErrorCode.POLICY_REFUSED, f"a {mode} round in a run whose privacy-mode is {p.privacy_mode!r}"
         )
-    if mode == "secagg" and p.noise_seed is not None:
-        raise NodeRefusal(
-            NodeErrorCode.POLICY_REFUSED,
-            "secure aggregation with a noise-seed: the server would know every noise share; remove noise-seed",
-        )
+    check_run_settings(config)
     if not (isinstance(sample_rate, (int, float)) and float(sample_rate) == p.sample_rate):
         raise NodeRefusal(
             NodeErrorCode.INVALID_REQUEST, f"the round's sample rate {sample_rate!r} is not the run's ({p.sample_rate})"

@@ -313,3 +313,16 @@ def test_unreadable_policy_value_fails_closed_and_names_the_key_in_the_local_log
     # Assert
     assert reply.has_error() and reply.error.reason == "popri/policy-refused"
     assert "'max-epsilon'" in caplog.text
+
+
+def test_prepare_in_a_secagg_run_with_a_noise_seed_is_refused_before_any_round(embedder, user_file, tmp_path):
+    # Prepare
+    cfg = _run_config(user_file, tmp_path, **{"privacy-mode": "secagg", "min-replies": 2, "noise-seed": 3})
+    grid = _grid(cfg)
+
+    # Execute
+    reply = _ask(grid, _prepare_message())
+
+    # Assert
+    assert reply.has_error() and reply.error.reason == "popri/policy-refused"
+    assert embedder.calls == 0

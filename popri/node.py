@@ -150,7 +150,7 @@ class NodeSource:
         partition = (
             (_node_int(node_config, "partition-id"), _node_int(node_config, "num-partitions")) if all(has) else None
         )
-        data_path = str(Path(raw_path).expanduser().absolute()) if raw_path else None
+        data_path = str(Path(raw_path).expanduser().resolve()) if raw_path else None
         return cls(data_path=data_path, partition=partition)
 
     def descriptor(self, *, data_setting: str) -> str:
@@ -162,7 +162,7 @@ class NodeSource:
 
 
 def source_descriptor(*, node_config: Mapping[str, Any], data_setting: str) -> str:
-    """``"file:" + absolute data-path [+ "#pid/n"]`` for a node with its own file, else
+    """``"file:" + absolute data-path [+ "#pid/n"]`` (symlinks resolved) for a node with its own file, else
     ``"partition:" + data_setting + ":pid/n"`` (simulation). Built from configuration only, never from the data."""
     return NodeSource.from_node_config(node_config).descriptor(data_setting=data_setting)
 
@@ -193,7 +193,9 @@ def load_node_users(
     side for diagnostics only.
     """
     partition = None if partition_id is None or num_partitions is None else (partition_id, num_partitions)
-    source = NodeSource(data_path=str(Path(data_path).absolute()) if data_path else None, partition=partition)
+    source = NodeSource(
+        data_path=str(Path(data_path).expanduser().resolve()) if data_path else None, partition=partition
+    )
     return _load_source_users(config, source)
 
 

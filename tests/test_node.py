@@ -152,8 +152,8 @@ def test_source_descriptor_names_the_file_and_partition_or_the_simulated_partiti
     simulated = source_descriptor(node_config={"partition-id": 2, "num-partitions": 5}, data_setting="shakespeare")
 
     # Assert
-    assert device == f"file:{path}"
-    assert shared == f"file:{path}#1/4"
+    assert device == f"file:{path.resolve()}"
+    assert shared == f"file:{path.resolve()}#1/4"
     assert simulated == "partition:shakespeare:2/5"
 
 
@@ -415,3 +415,18 @@ def test_node_with_one_broken_user_still_replies_a_finite_sum_of_the_others():
     # Assert
     assert n == 3 and np.all(np.isfinite(node_sum))
     np.testing.assert_allclose(node_sum, healthy, rtol=0, atol=1e-12)
+
+
+def test_two_names_of_one_file_give_one_source_descriptor(tmp_path):
+    # Prepare: a symlink to the device's file, as a second node might be pointed at it
+    path = tmp_path / "me.jsonl"
+    path.write_text('{"user": "a", "text": "some text here"}\n')
+    link = tmp_path / "alias.jsonl"
+    link.symlink_to(path)
+
+    # Execute
+    direct = source_descriptor(node_config={"data-path": str(path)}, data_setting="x")
+    aliased = source_descriptor(node_config={"data-path": str(link)}, data_setting="x")
+
+    # Assert: the server sees the overlap
+    assert direct == aliased

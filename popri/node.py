@@ -77,7 +77,15 @@ class NodeRefusal(ValueError):
 
 
 class NodeConfigError(ValueError):
-    """An invalid ``--node-config`` value; the message names the key and the fix."""
+    """An invalid ``--node-config`` value; the message names the key and the fix.
+
+    ``code``: what the reply says. An unreadable policy key fails closed (``popri/policy-refused``); an unreadable
+    data-source key means the node has no usable data (``popri/data-unavailable``).
+    """
+
+    def __init__(self, message: str, *, code: NodeErrorCode = NodeErrorCode.POLICY_REFUSED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def error_code_for(err: BaseException) -> NodeErrorCode:
@@ -85,7 +93,7 @@ def error_code_for(err: BaseException) -> NodeErrorCode:
     if isinstance(err, NodeRefusal):
         return err.code
     if isinstance(err, NodeConfigError):
-        return NodeErrorCode.POLICY_REFUSED  # an unreadable policy fails closed
+        return err.code
     if isinstance(err, ConfigError):
         return NodeErrorCode.INVALID_REQUEST
     if isinstance(err, (DataFormatError, OSError, UnicodeError)):
@@ -98,16 +106,20 @@ def error_code_for(err: BaseException) -> NodeErrorCode:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _source_error(message: str) -> NodeConfigError:
+    return NodeConfigError(message, code=NodeErrorCode.DATA_UNAVAILABLE)
+
+
 def _node_int(node_config: Mapping[str, Any], key: str) -> int:
     value = node_config[key]
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise NodeConfigError(f"invalid node-config key '{key}': expected an integer, got {value!r}")
+        raise _source_error(f"invalid node-config key '{key}': expected an integer, got {value!r}")
     try:
         number = float(value)
     except ValueError:
-        raise NodeConfigError(f"invalid node-config key '{key}': expected an integer, got {value!r}") from None
+        raise _source_error(f"invalid node-config key '{key}': expected an integer, got {value!r}") from None
     if not number.is_integer():
-        raise NodeConfigError(f"invalid node-config key '{key}': expected an integer, got {value!r}")
+        raise _source_error(f"invalid node-config key '{key}': expected an integer, got {value!r}")
     return int(number)
 
 
@@ -131,11 +143,11 @@ class NodeSource:
                 "'partition-id' and 'num-partitions' in a simulation)",
             )
         if self.data_path is not None and not Path(self.data_path).is_absolute():
-            raise NodeConfigError(f"invalid node-config key 'data-path': give an absolute path, got {self.data_path}")
+            raise _source_error(f"invalid node-config key 'data-path': give an absolute path, got {self.data_path}")
         if self.partition is not None:
             pid, parts = self.partition
             if parts < 1 or not 0 <= pid < parts:
-                raise NodeConfigError(
+                raise _source_error(
                     f"invalid node-config key 'partition-id': {pid} is outside [0, num-partitions={parts})"
                 )
 
@@ -146,7 +158,7 @@ class NodeSource:
         has = [k in node_config for k in ("partition-id", "num-partitions")]
         if any(has) and not all(has):
             missing = "num-partitions" if has[0] else "partition-id"
-            raise NodeConfigError(f"invalid node-config key '{missing}': give both partition-id and num-partitions")
+            raise _source_error(f"invalid node-config key '{missing}': give both partition-id and num-partitions")
         partition = (
             (_node_int(node_config, "partition-id"), _node_int(node_config, "num-partitions")) if all(has) else None
         )

@@ -326,3 +326,17 @@ def test_prepare_in_a_secagg_run_with_a_noise_seed_is_refused_before_any_round(e
     # Assert
     assert reply.has_error() and reply.error.reason == "popri/policy-refused"
     assert embedder.calls == 0
+
+
+@pytest.mark.parametrize("node_config", [{"partition-id": "first", "num-partitions": 2}, {"partition-id": 0}])
+def test_unreadable_data_source_key_is_data_unavailable(embedder, user_file, tmp_path, caplog, node_config):
+    # Prepare
+    grid = _grid(_run_config(user_file, tmp_path), {101: node_config})
+
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        reply = _ask(grid, _score_message())
+
+    # Assert: a fixed reason for the server, the key for the node's operator
+    assert reply.has_error() and reply.error.reason == "popri/data-unavailable"
+    assert "node-config key" in caplog.text

@@ -272,6 +272,7 @@ def test_round_request_with_the_run_s_settings_passes():
     [
         (NodeRefusal(NodeErrorCode.POLICY_REFUSED, "x"), NodeErrorCode.POLICY_REFUSED),
         (NodeConfigError("x"), NodeErrorCode.POLICY_REFUSED),
+        (NodeConfigError("x", code=NodeErrorCode.DATA_UNAVAILABLE), NodeErrorCode.DATA_UNAVAILABLE),
         (ConfigError("x"), NodeErrorCode.INVALID_REQUEST),
         (DataFormatError("x"), NodeErrorCode.DATA_UNAVAILABLE),
         (FileNotFoundError("x"), NodeErrorCode.DATA_UNAVAILABLE),

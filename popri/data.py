@@ -91,36 +91,90 @@ def _check_record(record: object, where: str) -> tuple[str, str]:
         raise DataFormatError(f'{where}: missing key \'{missing[0]}\' (each record needs "user" and "text")')
     if not isinstance(record["text"], str):
         raise DataFormatError(f'{where}: "text" must be a string, got {type(record["text"]).__name__}')
-    if not isinstance(record["user"], (str, int)):
-        raise DataFormatError(f'{where}: "user" must be a string or integer')
-    return str(record["user"]), record["text"]
+    user = record["user"]
+    if isinstance(user, bool) or not isinstance(user, (str, int)):
+        raise DataFormatError(f'{where}: "user" must be a string or integer, got {type(user).__name__}')
+    if isinstance(user, str) and not user.strip():
+        raise DataFormatError(f'{where}: "user" must not be empty')
+    return str(user), record["text"]
+
+
+def _decode_line(raw: bytes, where: str, *, first: bool) -> str:
+    """One line as text: UTF-8, with a byte-order mark accepted at the start of the file only."""
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(
+            f"{where}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); save the file as UTF-8"
+        ) from None
+
+
+def _parse_json(text: str, where: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{where}: not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise DataFormatError(f"{where}: JSON nested too deeply") from None
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, str]]:
+    records: list[tuple[str, str]] = []
+    # Bytes, decoded line by line: a bad byte is reported at its own line, not at a buffer boundary.
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            line = _decode_line(raw, where, first=lineno == 1)
+            if not line.strip():
+                continue
+            records.append(_check_record(_parse_json(line, where), where))
+    return records
+
+
+def _read_json_list(path: Path) -> list[tuple[str, str]]:
+    """A JSON list of records (or, as ``datasets`` also accepts in a .json file, one record per line)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        lineno = raw.count(b"\n", 0, err.start) + 1
+        bad = f"byte 0x{raw[err.start]:02x}"
+        raise DataFormatError(f"{path}:{lineno}: not valid UTF-8 ({bad}); save the file as UTF-8") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as err:
+        if text.lstrip().startswith("{"):
+            return _read_jsonl(path)  # JSON lines in a .json file
+        raise DataFormatError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise DataFormatError(f"{path}: JSON nested too deeply") from None
+    if isinstance(document, dict):
+        document = [document]
+    if not isinstance(document, list):
+        raise DataFormatError(f"{path}: expected a list of records, got {type(document).__name__}")
+    return [_check_record(record, f"{path}: record {i + 1}") for i, record in enumerate(document)]
 
 
 def read_user_file(path: str | Path, *, min_text_chars: int = 1) -> UserData:
-    """Read a user JSONL (or JSON list, or parquet) file. Errors name the file and the line."""
+    """Read a user JSONL (or JSON list, or parquet) file, UTF-8 (a byte-order mark is fine).
+
+    Errors (:class:`DataFormatError`) name the file and the line (or record), and say what to fix.
+    """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise DataFormatError(f"{path}: no such file")
-    records: list[tuple[str, str]] = []
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataFormatError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-                records.append(_check_record(record, f"{path}:{lineno}"))
-    elif path.suffix in (".json", ".parquet"):
+        records = _read_jsonl(path)
+    elif path.suffix == ".json":
+        records = _read_json_list(path)
+    elif path.suffix == ".parquet":
         import datasets
 
         try:
-            ds = datasets.load_dataset("json" if path.suffix == ".json" else "parquet", data_files=str(path))["train"]
+            ds = datasets.load_dataset("parquet", data_files=str(path))["train"]
         except Exception as err:  # datasets raises many types for bad files
-            raise DataFormatError(f"{path}: cannot be read as {path.suffix[1:]}: {err}") from None
-        for i, record in enumerate(ds):
-            records.append(_check_record(record, f"{path}: record {i + 1}"))
+            raise DataFormatError(f"{path}: cannot be read as parquet: {err}") from None
+        records = [_check_record(record, f"{path}: record {i + 1}") for i, record in enumerate(ds)]
     else:
         raise DataFormatError(f"{path}: unsupported extension {path.suffix!r}; use .jsonl, .json or .parquet")
     return from_records(records, min_text_chars=min_text_chars, source=str(path))

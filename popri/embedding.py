@@ -34,6 +34,34 @@ def embed_texts(embedder: Any, texts: list[str], *, batch_size: int = 64, progre
     return np.asarray(emb, dtype=np.float32)
 
 
+def _embed_with_progress(embedder: Any, texts: list[str], *, chunk: int = 1024) -> np.ndarray:
+    """Embed in chunks and log progress as tenths of the work: the log lines are the same for any data size."""
+    parts: list[np.ndarray] = []
+    logged = 0
+    for start in range(0, len(texts), chunk):
+        parts.append(embed_texts(embedder, texts[start : start + chunk]))
+        done = (10 * min(start + chunk, len(texts))) // max(len(texts), 1)
+        for tenth in range(logged + 1, done + 1):
+            logger.info("embedding private texts: %d%%", 10 * tenth)
+        logged = max(logged, done)
+    return np.concatenate(parts) if parts else embed_texts(embedder, [])
+
+
+def _load_cached(path: Path, num_users: int) -> np.ndarray | None:
+    """The cached sums, or None when missing, unreadable (a torn write, a full disk) or of the wrong shape."""
+    if not path.exists():
+        return None
+    try:
+        sums = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        logger.warning("%s: unreadable embedding cache (%s); recomputing it", path, type(err).__name__)
+        return None
+    if sums.ndim != 2 or sums.shape[0] != num_users or not np.issubdtype(sums.dtype, np.floating):
+        logger.warning("%s: embedding cache of an unexpected shape; recomputing it", path)
+        return None
+    return sums
+
+
 def cached_user_sums(
     embedder: Any | None,
     data: UserData,
@@ -45,22 +73,27 @@ def cached_user_sums(
     """Per-user sums of private text embeddings, computed once and cached on the client's own disk.
 
     The cache holds private-derived data: it lives on the device that owns the data and never leaves it. Keyed by the
-    data's content hash and the embedder, so a changed file or model never reuses stale sums. ``embedder=None`` loads
-    the default embedder only on a cache miss (a deployed node runs each round in a fresh process).
+    data's content hash and the embedder, so a changed file or model never reuses stale sums; an unreadable cache is
+    recomputed. ``embedder=None`` loads the default embedder only on a cache miss (a deployed node runs each message
+    in a fresh process). ``progress`` logs the embedding's progress in tenths (no counts: they are private).
     """
     key = f"{data.fingerprint()}-{embedder_id.replace('/', '_')}"
     path = cache_dir / "private-embeddings" / f"{key}.npy"
-    if path.exists():
-        sums = np.load(path)
-        if sums.shape[0] == data.num_users:
-            return sums
-    logger.info("embedding %d private texts of %d users (cached afterwards)", len(data.texts), data.num_users)
+    sums = _load_cached(path, data.num_users)
+    if sums is not None:
+        return sums
+    logger.info("embedding this node's private texts (cached afterwards)")
     if embedder is None:
         embedder = load_embedder()
-    sums = user_embedding_sums(embed_texts(embedder, data.texts, progress=progress), data.owner, data.num_users)
+    embedded = _embed_with_progress(embedder, data.texts) if progress else embed_texts(embedder, data.texts)
+    sums = user_embedding_sums(embedded, data.owner, data.num_users)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy")
-    with os.fdopen(fd, "wb") as fh:
-        np.save(fh, sums)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, sums)
+        os.replace(tmp, path)
+    except OSError as err:  # a full or read-only disk costs the cache, not the round
+        logger.warning("%s: cannot write the embedding cache (%s); continuing without it", path, type(err).__name__)
+        Path(tmp).unlink(missing_ok=True)
     return sums

@@ -321,3 +321,78 @@ def test_fingerprint_changes_when_a_text_changes() -> None:
     assert base.fingerprint() == same.fingerprint()
     assert base.fingerprint() != edited.fingerprint()
     assert base.fingerprint() != moved.fingerprint()  # the same texts under a different owner
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encodings and malformed lines
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_non_utf8_bytes_name_the_file_and_the_line(tmp_path: Path) -> None:
+    # Prepare: line 3 holds a Latin-1 byte
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps(RECORDS[0]).encode()
+    path.write_bytes(good + b"\n" + good + b"\n" + b'{"user": "b", "text": "caf\xe9 au lait"}\n')
+
+    # Execute
+    with pytest.raises(DataFormatError) as info:
+        read_user_file(path)
+
+    # Assert
+    assert str(info.value).startswith(f"{path}:3:")
+    assert "UTF-8" in str(info.value)
+
+
+def test_non_utf8_json_list_names_the_file_and_the_line(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'[{"user": "a", "text": "fine text"},\n {"user": "b", "text": "caf\xe9"}]')
+
+    # Execute / Assert
+    with pytest.raises(DataFormatError, match=re.escape(f"{path}:2:")):
+        read_user_file(path)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path, suffix: str) -> None:
+    # Prepare: what some editors write at the start of a UTF-8 file
+    path = tmp_path / f"bom{suffix}"
+    body = "\n".join(json.dumps(r) for r in RECORDS) if suffix == ".jsonl" else json.dumps(RECORDS)
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+
+    # Execute
+    data = read_user_file(path)
+
+    # Assert
+    assert data.users == ["7", "alice", "bob"]
+
+
+@pytest.mark.parametrize(
+    ("line", "what"),
+    [
+        ('{"user": true, "text": "a boolean user id"}', '"user" must be a string or integer'),
+        ('{"user": "  ", "text": "a blank user id"}', '"user" must not be empty'),
+        ("[" * 100_000, "JSON"),
+        ("NaN", "expected an object"),
+    ],
+)
+def test_malformed_line_is_a_data_error_naming_the_line(tmp_path: Path, line: str, what: str) -> None:
+    # Prepare
+    path = _write_jsonl(tmp_path / "bad.jsonl", [json.dumps(RECORDS[0]), line])
+
+    # Execute
+    with pytest.raises(DataFormatError) as info:
+        read_user_file(path)
+
+    # Assert
+    assert str(info.value).startswith(f"{path}:2:") and what in str(info.value)
+
+
+def test_a_directory_named_like_a_data_file_is_a_data_error(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "users.jsonl"
+    path.mkdir()
+
+    # Execute / Assert
+    with pytest.raises(DataFormatError, match=re.escape(str(path))):
+        read_user_file(path)

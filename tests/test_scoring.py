@@ -188,3 +188,26 @@ def test_scores_do_not_depend_on_the_dtype_of_the_embeddings() -> None:
     # assert
     assert total32.dtype == np.float64
     np.testing.assert_allclose(total32, total64, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e308])
+def test_a_user_with_non_finite_embeddings_contributes_zero_and_does_not_poison_the_sum(
+    bad: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    # prepare: user 3's embedding sum is broken (NaN, inf, or so large that its scores overflow)
+    samples, private, owner = _random_users(9)
+    sums = user_embedding_sums(private, owner, num_users=9)
+    healthy = clipped_scores_sum(samples, np.delete(sums, 3, axis=0))
+    sums[3] = bad
+
+    # execute
+    with caplog.at_level("WARNING", logger="popri.scoring"):
+        total = clipped_scores_sum(samples, sums)
+        rows = clip_user_scores(raw_user_scores(samples, sums))
+
+    # assert: the others' sum is intact, the broken user's row is zero, and the warning names no value or count
+    assert np.all(np.isfinite(total))
+    np.testing.assert_allclose(total, healthy, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(rows[3], 0.0)
+    assert "not finite" in caplog.text
+    assert not any(ch.isdigit() for record in caplog.records for ch in record.getMessage())

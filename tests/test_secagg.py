@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from client.app import make_client_app
-from server.app import query_nodes
+from popri.node import NodeErrorCode, secagg_box_bound
+from popri.privacy import noise_share_std
 from server.secagg import secure_sum
 from tests.helpers import InProcessGrid, run_server, tiny_run_config
 
@@ -31,7 +32,14 @@ def _server_context(cfg: dict[str, Any]) -> Any:
     return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(cfg))
 
 
-SECAGG = {"privacy-mode": "secagg", "min-replies": 2, "noise-multiplier": 1e-4, "secagg-clipping-range": 16.0}
+# No noise-seed: a secure run refuses one (the server would know every noise share).
+SECAGG = {
+    "privacy-mode": "secagg",
+    "min-replies": 2,
+    "noise-multiplier": 1e-4,
+    "secagg-clipping-range": 16.0,
+    "noise-seed": None,
+}
 
 
 def _secure_sum(grid: InProcessGrid, cfg: dict[str, Any], embeddings: np.ndarray, **overrides: Any) -> Any:
@@ -56,9 +64,23 @@ def _unit_rows(n: int, dim: int = 384, seed: int = 0) -> np.ndarray:
 
 def _plain_node_sums(cfg: dict[str, Any], embeddings: np.ndarray) -> dict[int, np.ndarray]:
     """Each node's clipped sum as central mode would send it (q = 1, so user sampling is deterministic)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
     grid = InProcessGrid(make_client_app(), NODES, {**cfg, "privacy-mode": "central"})
-    replies = query_nodes(grid, sorted(NODES), embeddings, 0, 1.0, timeout=30)
-    return {r.node_id: np.asarray(r.node_sum) for r in replies}
+    content = RecordDict(
+        {
+            "embeddings": ArrayRecord({"embeddings": Array(embeddings.astype(np.float32))}),
+            "config": ConfigRecord({"round": 0, "sample-rate": 1.0, "source-salt": "test-salt"}),
+        }
+    )
+    messages = [Message(content, dst_node_id=n, message_type="query.score", group_id="0") for n in sorted(NODES)]
+    replies = list(grid.send_and_receive(messages))
+    assert not any(r.has_error() for r in replies)
+    return {r.metadata.src_node_id: np.asarray(r.content["scores"]["scores"].numpy()) for r in replies}
+
+
+def _error_reasons(seen: list[Any]) -> list[str]:
+    return [reply.error.reason for reply in seen if reply.has_error()]
 
 
 def _arrays_in(message: Any) -> list[np.ndarray]:
@@ -127,7 +149,10 @@ def test_secagg_run_charges_every_round_and_never_learns_user_counts(tiny_model_
     # Prepare
     out = tmp_path / "run"
     cfg = tiny_run_config(
-        tiny_model_dir, user_file, out, **{"privacy-mode": "secagg", "min-replies": 2, "num-nodes": 3}
+        tiny_model_dir,
+        user_file,
+        out,
+        **{"privacy-mode": "secagg", "min-replies": 2, "num-nodes": 3, "noise-seed": None},
     )
     grid = InProcessGrid(make_client_app(), NODES, cfg)
 
@@ -151,7 +176,7 @@ def test_secagg_round_with_too_few_nodes_is_discarded_and_not_charged(tiny_model
         user_file,
         out,
         rounds=1,
-        **{"privacy-mode": "secagg", "min-replies": 3, "num-nodes": 3, "reply-timeout": 5.0},
+        **{"privacy-mode": "secagg", "min-replies": 3, "num-nodes": 3, "reply-timeout": 5.0, "noise-seed": None},
     )
     grid = InProcessGrid(make_client_app(), NODES, cfg)
     grid.dead.add(103)
@@ -177,17 +202,74 @@ def test_node_refuses_a_secure_round_in_a_central_run(tiny_model_dir, user_file,
     assert result.dp_sum is None
 
 
-def test_node_whose_noisy_score_exceeds_the_range_drops_out_without_revealing_it(tiny_model_dir, user_file, tmp_path):
-    # Prepare: a range no noisy score fits in
+def test_range_too_small_for_the_noise_is_refused_with_a_fixed_code_and_no_value(tiny_model_dir, user_file, tmp_path):
+    # Prepare: a range no noise share fits in (a property of the settings, never of the data)
     cfg = tiny_run_config(tiny_model_dir, user_file, tmp_path / "run", **{**SECAGG, "secagg-clipping-range": 1e-6})
+    seen: list[Any] = []
+    grid = InProcessGrid(make_client_app(), NODES, cfg, tamper=lambda nid, reply: seen.append(reply) or reply)
+
+    # Execute
+    result = _secure_sum(grid, cfg, _unit_rows(9), clipping_range=1e-6, charge=lambda: pytest.fail("nothing unmasked"))
+
+    # Assert: every node refused; the error replies carry a fixed code and no value
+    assert result.dp_sum is None
+    assert _error_reasons(seen) == [NodeErrorCode.INVALID_REQUEST.reason] * 3
+
+
+def test_node_whose_sum_is_huge_still_replies_with_its_sum_projected_into_the_range(
+    tiny_model_dir, user_file, tmp_path
+):
+    # Prepare: a range far below the node sums (each node holds 3 users: entries up to ~3), so the old node dropped out
+    clipping_range = 0.25
+    cfg = tiny_run_config(
+        tiny_model_dir, user_file, tmp_path / "run", **{**SECAGG, "secagg-clipping-range": clipping_range}
+    )
+    embeddings = _unit_rows(40)
+    plain = _plain_node_sums(cfg, embeddings)
+    std = noise_share_std(noise_multiplier=SECAGG["noise-multiplier"], min_replies=2)
+    bound = secagg_box_bound(clipping_range=clipping_range, noise_std=std, dimension=40)
+    grid = InProcessGrid(make_client_app(), NODES, cfg)
+
+    # Execute
+    result = _secure_sum(grid, cfg, embeddings, clipping_range=clipping_range)
+
+    # Assert: all three in the sum, each node's vector clamped to the box [-B, B]
+    assert max(np.abs(v).max() for v in plain.values()) > clipping_range
+    assert result.replies == 3 and result.dp_sum is not None
+    expected = sum(np.clip(v, -bound, bound) for v in plain.values())
+    np.testing.assert_allclose(result.dp_sum, expected, atol=1e-3)
+
+
+def test_secure_round_in_a_run_with_a_noise_seed_is_refused(tiny_model_dir, user_file, tmp_path):
+    # Prepare: a known seed would let the server subtract every node's noise share
+    cfg = tiny_run_config(tiny_model_dir, user_file, tmp_path / "run", **{**SECAGG, "noise-seed": 7})
     seen: list[Any] = []
     grid = InProcessGrid(make_client_app(), NODES, cfg, tamper=lambda nid, reply: seen.append(reply) or reply)
 
     # Execute
     result = _secure_sum(grid, cfg, _unit_rows(9), charge=lambda: pytest.fail("nothing may be unmasked"))
 
-    # Assert: every node dropped out; the error replies say why but carry no value
-    errors = [reply.error.reason for reply in seen if reply.has_error()]
+    # Assert
     assert result.dp_sum is None
-    expected = "ValueError: a noisy score exceeds secagg-clipping-range; this node drops out of the round"
-    assert errors == [expected] * 3
+    assert _error_reasons(seen) == [NodeErrorCode.POLICY_REFUSED.reason] * 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"min_replies": 2}, NodeErrorCode.POLICY_REFUSED.reason),  # threshold 2 < the run's min-replies 3
+        ({"min_replies": 3, "clipping_range": 8.0}, NodeErrorCode.INVALID_REQUEST.reason),  # range below the run's
+    ],
+)
+def test_secure_round_set_up_weaker_than_the_run_is_refused(tiny_model_dir, user_file, tmp_path, overrides, reason):
+    # Prepare: the run needs 3 replies and a range of 16; the server sets SecAgg+ up otherwise
+    cfg = tiny_run_config(tiny_model_dir, user_file, tmp_path / "run", **{**SECAGG, "min-replies": 3, "num-nodes": 3})
+    seen: list[Any] = []
+    grid = InProcessGrid(make_client_app(), NODES, cfg, tamper=lambda nid, reply: seen.append(reply) or reply)
+
+    # Execute
+    result = _secure_sum(grid, cfg, _unit_rows(9), charge=lambda: pytest.fail("nothing unmasked"), **overrides)
+
+    # Assert
+    assert result.dp_sum is None
+    assert _error_reasons(seen) == [reason] * 3

@@ -17,6 +17,7 @@ from popri.config import (
     RunConfig,
     TrainConfig,
     config_from_flat,
+    config_to_app_config,
     config_to_flat,
     known_keys,
     load_config,
@@ -195,5 +196,5 @@ def test_flower_app_config_in_pyproject_is_known_and_valid() -> None:
     # assert: every other key is a config field, and every value lands in its field
     assert unknown == []
     assert flat, "no popri keys in [tool.flwr.app.config]"
-    rebuilt = config_to_flat(config)
+    rebuilt = config_to_app_config(config)  # TOML has no null: optional keys read "" for none
     assert {key: rebuilt[key] for key in flat} == flat

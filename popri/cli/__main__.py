@@ -1,0 +1,7 @@
+"""``python -m popri.cli``: the ``popri`` command."""
+
+import sys
+
+from popri.cli import main
+
+sys.exit(main())

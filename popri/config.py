@@ -460,21 +460,25 @@ def split_assignment(item: str) -> tuple[str, str]:
     return key.strip(), raw.strip()
 
 
-def parse_assignments(items: Iterable[str]) -> dict[str, Any]:
+def parse_assignments(items: Iterable[str], *, run_control: bool = False) -> dict[str, Any]:
     """``["prompts=8", "epsilon=none", ...]`` -> ``{"prompts": 8, "epsilon": None, ...}``, typed by the schema.
 
     The one parser of ``KEY=VALUE`` strings for popri keys (``popri run --set``, the benchmark's ``popri.KEY=VALUE``,
-    the perf harness). Unknown keys and bad values raise :class:`ConfigError` naming the key and the item; a later
-    item for the same key wins. Values are typed only: cross-field checks happen in :func:`config_from_flat`.
+    the perf harness, ``popri deploy run --set``). ``run_control=True`` also accepts the run-control keys of
+    Flower's run config (``resume``, ``progress``, as bools). Unknown keys and bad values raise :class:`ConfigError`
+    naming the key and the item; a later item for the same key wins. Values are typed only: cross-field checks
+    happen in :func:`config_from_flat`.
     """
-    specs = _spec_by_key()
+    types = {key: spec.type_label for key, spec in _spec_by_key().items()}
+    if run_control:
+        types.update({key: "bool" for key in RUN_CONTROL_KEYS})
     out: dict[str, Any] = {}
     for item in items:
         key, raw = split_assignment(item)
-        if key not in specs:
-            raise ConfigError(f"unknown config key '{key}' (in {item!r}); known keys: {', '.join(specs)}")
+        if key not in types:
+            raise ConfigError(f"unknown config key '{key}' (in {item!r}); known keys: {', '.join(types)}")
         try:
-            out[key] = coerce_value(key, raw, specs[key].type_label)
+            out[key] = coerce_value(key, raw, types[key])
         except ConfigError as err:
             raise ConfigError(f"{err} (in {item!r})") from None
     return out

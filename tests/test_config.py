@@ -392,6 +392,13 @@ def test_parse_assignments_errors_name_the_item(item: str, match: str) -> None:
         parse_assignments([item])
 
 
+def test_parse_assignments_takes_run_control_keys_only_when_asked() -> None:
+    # Execute / Assert
+    assert parse_assignments(["resume=true", "rounds=2"], run_control=True) == {"resume": True, "rounds": 2}
+    with pytest.raises(ConfigError, match="unknown config key 'resume'"):
+        parse_assignments(["resume=true"])
+
+
 def test_coerce_value_serves_other_dataclasses_by_type_name() -> None:
     # Execute / Assert: the benchmark and the perf harness parse their own fields with it
     assert coerce_value("rounds", "10", "int") == 10
@@ -425,3 +432,19 @@ def test_describe_keys_gives_type_default_and_help_for_every_key() -> None:
         "help": by_key["prepare-timeout"]["help"],
     }
     assert by_key["noise-seed"]["type"] == "int | None" and by_key["noise-seed"]["default"] is None
+
+
+def test_flower_overrides_of_any_key_reach_the_config() -> None:
+    # Prepare: Flower's own parsing and merging of `flwr run . -c "..."` against this pyproject
+    from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
+    overrides = parse_config_args(["lora-r=8 noise-multiplier=3.35 epsilon='' max-discarded-rounds=1"])
+
+    # Execute
+    fused = get_fused_config_from_dir(PYPROJECT.parent, overrides)
+    flat, _, _ = split_run_options(fused)
+    config = config_from_flat(flat)
+
+    # Assert: a fixed-sigma run with no epsilon target, and a key the old table did not declare
+    assert config.train.lora_r == 8 and config.max_discarded_rounds == 1
+    assert config.privacy.noise_multiplier == 3.35 and config.privacy.epsilon is None

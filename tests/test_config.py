@@ -448,3 +448,23 @@ def test_flower_overrides_of_any_key_reach_the_config() -> None:
     # Assert: a fixed-sigma run with no epsilon target, and a key the old table did not declare
     assert config.train.lora_r == 8 and config.max_discarded_rounds == 1
     assert config.privacy.noise_multiplier == 3.35 and config.privacy.epsilon is None
+
+
+def test_config_and_rdp_modules_import_neither_torch_nor_flower() -> None:
+    # Prepare
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from popri.config import RunConfig, config_from_flat\n"
+        "import popri.rdp\n"
+        "config_from_flat({'rounds': '3'}); RunConfig()\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'flwr', 'opacus', 'transformers'}))\n"
+    )
+
+    # Execute
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+
+    # Assert
+    assert out.stdout.strip() == "[]"

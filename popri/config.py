@@ -1,14 +1,23 @@
-"""Run configuration: one frozen dataclass per concern, validated when built.
+"""Run configuration: one frozen dataclass per concern, validated when built; the one schema of popri's settings.
 
-Every field maps to one flat kebab-case key (``samples_per_prompt`` <-> ``samples-per-prompt``). The same keys drive
-``popri run``, ``flwr run .`` (``[tool.flwr.app.config]`` in pyproject.toml) and the benchmark, through
-:func:`config_from_flat`.
+Every field maps to one flat kebab-case key (``samples_per_prompt`` <-> ``samples-per-prompt``). The field metadata
+(``help``, and ``resume_locked`` for the keys a resumed run must keep) generates the ``popri run`` flags, ``popri
+config``, :func:`resume_locked_keys` and the ``[tool.flwr.app.config]`` table in pyproject.toml (a test checks that
+table against :func:`config_to_app_config`). The same keys drive ``popri run``, ``flwr run .`` and the benchmark,
+through :func:`config_from_flat`; ``KEY=VALUE`` strings go through :func:`parse_assignments`.
+
+None in TOML: TOML has no null, so an unset optional key (``noise-multiplier``, ``noise-seed``, ``epsilon`` when a
+fixed σ is given) is written as the empty string ``""``; :func:`config_from_flat` reads ``""``, ``"none"`` and None
+as None for optional keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +30,51 @@ class ConfigError(ValueError):
 def _check(ok: bool, key: str, why: str) -> None:
     if not ok:
         raise ConfigError(f"invalid config key '{key}': {why}")
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _base_type(type_name: str) -> tuple[str, bool]:
+    """``"int | None"`` -> ``("int", True)``: the field's scalar type and whether None is allowed."""
+    parts = [p.strip() for p in str(type_name).split("|")]
+    optional = "None" in parts
+    rest = [p for p in parts if p != "None"]
+    return (rest[0] if rest else "str"), optional
+
+
+def _check_types(obj: Any) -> None:
+    """Refuse a field value of the wrong type: a bool where a number is expected, a NaN or infinite float, ...
+
+    ``bool`` is a subclass of ``int`` in Python, so ``rounds=True`` would otherwise pass as 1.
+    """
+    for f in dataclasses.fields(obj):
+        base, optional = _base_type(str(f.type))
+        if base not in ("bool", "int", "float", "str"):
+            continue  # a section
+        value, key = getattr(obj, f.name), _key(f.name)
+        if value is None:
+            _check(optional, key, f"must be a {base}, got None")
+            continue
+        if base == "bool":
+            _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        elif base == "int":
+            _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an int, got {value!r}")
+        elif base == "float":
+            _check(
+                isinstance(value, int | float) and not isinstance(value, bool), key, f"expected a float, got {value!r}"
+            )
+            _check(math.isfinite(value), key, f"must be a finite number, got {value!r}")
+        else:
+            _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _rdp_epsilon_floor(delta: float) -> float:
+    from popri.rdp import epsilon_floor  # numpy/scipy only; loaded when a config with a target epsilon is built
+
+    return epsilon_floor(delta=delta)
 
 
 @dataclass(frozen=True)
@@ -49,6 +103,7 @@ class GenerationConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.prompts >= 1, "prompts", f"must be >= 1, got {self.prompts}")
         _check(self.samples_per_prompt >= 2, "samples-per-prompt", f"needs >= 2 to rank, got {self.samples_per_prompt}")
         _check(self.max_new_tokens >= 1, "max-new-tokens", f"must be >= 1, got {self.max_new_tokens}")
@@ -69,26 +124,50 @@ class GenerationConfig:
 class PrivacyConfig:
     """The DP mechanism and its budget (step 4). Give ``epsilon`` or ``noise_multiplier``; the other is derived."""
 
-    epsilon: float | None = field(default=7.0, metadata={"help": "target epsilon after all rounds"})
-    noise_multiplier: float | None = field(default=None, metadata={"help": "sigma; overrides epsilon if given"})
-    delta: float = field(default=3e-6, metadata={"help": "target delta"})
-    sample_rate: float = field(default=1.0, metadata={"help": "q, Poisson sampling rate of users per round"})
-    accountant: str = field(default="rdp", metadata={"help": "'rdp' or 'prv' (Opacus accountants)"})
+    epsilon: float | None = field(
+        default=7.0,
+        metadata={
+            "help": "target epsilon after all rounds; with a noise-multiplier, a cap the run never passes",
+            "resume_locked": True,
+        },
+    )
+    noise_multiplier: float | None = field(
+        default=None,
+        metadata={
+            "help": "sigma, fixed instead of calibrated to epsilon (popri run --noise-multiplier also unsets epsilon)",
+            "resume_locked": True,
+        },
+    )
+    delta: float = field(default=3e-6, metadata={"help": "target delta", "resume_locked": True})
+    sample_rate: float = field(
+        default=1.0, metadata={"help": "q, Poisson sampling rate of users per round", "resume_locked": True}
+    )
+    accountant: str = field(
+        default="rdp", metadata={"help": "'rdp' or 'prv' (Opacus accountants)", "resume_locked": True}
+    )
     noise_seed: int | None = field(default=None, metadata={"help": "reproducible noise (NOT for real privacy)"})
     privacy_mode: str = field(
         default="central",
         metadata={
             "help": "'central' (the server adds the noise) or 'secagg' (each node adds a noise share; the server "
-            "sees only the SecAgg+ sum)"
+            "sees only the SecAgg+ sum)",
+            "resume_locked": True,
         },
     )
-    min_replies: int = field(default=1, metadata={"help": "a round with fewer valid node replies is discarded"})
+    min_replies: int = field(
+        default=1,
+        metadata={
+            "help": "a round with fewer valid node replies is discarded (secagg: the noise shares are sized for it)",
+            "resume_locked": True,
+        },
+    )
     secagg_clipping_range: float = field(
         default=1024.0,
         metadata={"help": "secagg: the bound SecAgg+ quantises each entry of a node's noisy sum within (±range)"},
     )
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(
             self.epsilon is not None or self.noise_multiplier is not None,
             "epsilon",
@@ -101,6 +180,17 @@ class PrivacyConfig:
         _check(0 < self.delta < 1, "delta", f"must be in (0, 1), got {self.delta}")
         _check(0 < self.sample_rate <= 1, "sample-rate", f"must be in (0, 1], got {self.sample_rate}")
         _check(self.accountant in ("rdp", "prv"), "accountant", f"use 'rdp' or 'prv', got {self.accountant!r}")
+        if self.epsilon is not None and self.accountant == "rdp":
+            # As sigma grows, the RDP -> (epsilon, delta) conversion tends to a floor > 0: no noise reaches below it.
+            floor = _rdp_epsilon_floor(self.delta)
+            _check(
+                self.epsilon > floor,
+                "epsilon",
+                f"{self.epsilon:g} is at or below {floor:.4f}, the smallest epsilon the rdp accountant certifies at "
+                f"delta={self.delta:g} with any noise; raise epsilon or delta",
+            )
+        if self.noise_seed is not None:
+            _check(self.noise_seed >= 0, "noise-seed", f"must be >= 0 (or none), got {self.noise_seed}")
         _check(
             self.privacy_mode in ("central", "secagg"),
             "privacy-mode",
@@ -132,6 +222,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.rejected_rank >= 1, "rejected-rank", f"must be >= 1 (0 is the chosen), got {self.rejected_rank}")
         _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
         _check(self.learning_rate > 0, "learning-rate", f"must be > 0, got {self.learning_rate}")
@@ -146,12 +237,20 @@ class TrainConfig:
 class DataConfig:
     """Where the private data comes from and how users are split."""
 
-    data: str = field(default="shakespeare", metadata={"help": "'shakespeare' or a user JSONL/JSON/parquet file"})
-    max_users: int = field(default=0, metadata={"help": "keep at most this many users (0 = all)"})
-    validation_fraction: float = field(default=0.1, metadata={"help": "users held out for diagnostics"})
-    min_text_chars: int = field(default=20, metadata={"help": "shorter texts are dropped"})
+    data: str = field(
+        default="shakespeare",
+        metadata={"help": "'shakespeare' or a user JSONL/JSON/parquet file", "resume_locked": True},
+    )
+    max_users: int = field(
+        default=0, metadata={"help": "keep at most this many users (0 = all)", "resume_locked": True}
+    )
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "users held out for diagnostics", "resume_locked": True}
+    )
+    min_text_chars: int = field(default=20, metadata={"help": "shorter texts are dropped", "resume_locked": True})
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(bool(self.data), "data", "give 'shakespeare' or a file path")
         _check(self.max_users >= 0, "max-users", f"must be >= 0, got {self.max_users}")
         _check(0 <= self.validation_fraction < 1, "validation-fraction", "must be in [0, 1)")
@@ -168,7 +267,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rounds: int = field(default=6, metadata={"help": "T, private rounds"})
     final_samples: int = field(default=256, metadata={"help": "size of the final synthetic corpus"})
-    seed: int = field(default=0, metadata={"help": "seed for prompts, sampling and user sampling"})
+    seed: int = field(
+        default=0, metadata={"help": "seed for prompts, sampling and user sampling", "resume_locked": True}
+    )
     num_nodes: int = field(default=2, metadata={"help": "Flower nodes in simulation"})
     diagnostics: bool = field(default=False, metadata={"help": "NON-PRIVATE similarity to held-out private text"})
     control: bool = field(default=False, metadata={"help": "random preference pairs (no private signal)"})
@@ -177,12 +278,29 @@ class RunConfig:
     reply_timeout: float = field(
         default=600.0, metadata={"help": "seconds the server waits for nodes to connect and for their replies"}
     )
+    prepare_timeout: float = field(
+        default=3600.0,
+        metadata={
+            "help": "seconds the server waits for nodes to prepare their private embeddings before the first round "
+            "(no privacy cost)"
+        },
+    )
+    max_discarded_rounds: int = field(
+        default=3,
+        metadata={
+            "help": "a round discarded for too few valid replies is redone; the run stops after this many discards "
+            "in a row"
+        },
+    )
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         _check(self.final_samples >= 0, "final-samples", f"must be >= 0, got {self.final_samples}")
         _check(self.num_nodes >= 1, "num-nodes", f"must be >= 1, got {self.num_nodes}")
         _check(self.reply_timeout > 0, "reply-timeout", "must be > 0")
+        _check(self.prepare_timeout > 0, "prepare-timeout", f"must be > 0, got {self.prepare_timeout}")
+        _check(self.max_discarded_rounds >= 0, "max-discarded-rounds", f"must be >= 0, got {self.max_discarded_rounds}")
         _check(
             self.train.rejected_rank < self.generation.samples_per_prompt,
             "rejected-rank",
@@ -198,76 +316,186 @@ class RunConfig:
         return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "popri"
 
     def resolved_noise_multiplier(self) -> float:
-        """σ of this run, the same on the server and on every node (:func:`popri.privacy.resolve_noise_multiplier`)."""
+        """σ of this run, the same on the server and on every node (:func:`popri.privacy.resolve_noise_multiplier`).
+
+        A target that the accountant cannot reach (Opacus: "privacy budget too low") is a :class:`ConfigError`.
+        """
         from popri.privacy import resolve_noise_multiplier  # opacus loads only when a run needs σ
 
         p = self.privacy
-        return resolve_noise_multiplier(
-            epsilon=p.epsilon,
-            noise_multiplier=p.noise_multiplier,
-            delta=p.delta,
-            sample_rate=p.sample_rate,
-            rounds=self.rounds,
-            accountant=p.accountant,
-        )
+        try:
+            return resolve_noise_multiplier(
+                epsilon=p.epsilon,
+                noise_multiplier=p.noise_multiplier,
+                delta=p.delta,
+                sample_rate=p.sample_rate,
+                rounds=self.rounds,
+                accountant=p.accountant,
+            )
+        except (ValueError, RuntimeError) as err:
+            raise ConfigError(
+                f"invalid config key 'epsilon': no noise multiplier reaches epsilon={p.epsilon} at delta={p.delta}, "
+                f"q={p.sample_rate}, T={self.rounds} with the {p.accountant} accountant ({err}); raise epsilon or delta"
+            ) from None
 
 
 _SECTIONS = {"generation": GenerationConfig, "privacy": PrivacyConfig, "train": TrainConfig, "data": DataConfig}
 
+# Not RunConfig keys: the ServerApp's run control, carried in Flower's run config beside them.
+RUN_CONTROL_KEYS: dict[str, bool] = {"resume": False, "progress": False}
 
-def _key(name: str) -> str:
-    return name.replace("_", "-")
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One flat key of the schema, read from the dataclass fields."""
+
+    key: str
+    section: str | None  # None: a top-level RunConfig field
+    name: str
+    type_name: str  # "int", "float", "str" or "bool"
+    optional: bool  # None allowed ("" or "none" in TOML and on the command line)
+    default: Any
+    help: str
+    resume_locked: bool
+
+    @property
+    def type_label(self) -> str:
+        return f"{self.type_name} | None" if self.optional else self.type_name
 
 
-def _coerce(key: str, value: Any, type_name: str) -> Any:
-    """Convert a TOML/CLI value to the field's type, with an error that names the key."""
-    optional = "None" in type_name
-    if optional and (value is None or value == "" or value == "none"):
-        return None
-    try:
-        if type_name.startswith("bool"):
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1")
-            return bool(value)
-        if type_name.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if type_name.startswith("float"):
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"invalid config key '{key}': expected {type_name}, got {value!r}") from None
+@functools.lru_cache(maxsize=1)
+def key_specs() -> tuple[KeySpec, ...]:
+    """Every flat key with its type, default, help and resume lock, in a stable order (top level, then sections)."""
+
+    def spec(f: dataclasses.Field[Any], section: str | None, defaults: Any) -> KeySpec:
+        base, optional = _base_type(str(f.type))
+        return KeySpec(
+            key=_key(f.name),
+            section=section,
+            name=f.name,
+            type_name=base,
+            optional=optional,
+            default=getattr(defaults, f.name),
+            help=str(f.metadata.get("help", "")),
+            resume_locked=bool(f.metadata.get("resume_locked", False)),
+        )
+
+    base = RunConfig()
+    specs = [spec(f, None, base) for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS]
+    for name, cls in _SECTIONS.items():
+        specs += [spec(f, name, getattr(base, name)) for f in dataclasses.fields(cls)]
+    return tuple(specs)
+
+
+def _spec_by_key() -> dict[str, KeySpec]:
+    return {s.key: s for s in key_specs()}
 
 
 def known_keys() -> list[str]:
     """All flat keys, in a stable order."""
-    keys = [_key(f.name) for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS]
-    for cls in _SECTIONS.values():
-        keys += [_key(f.name) for f in dataclasses.fields(cls)]
-    return keys
+    return [s.key for s in key_specs()]
+
+
+def resume_locked_keys() -> tuple[str, ...]:
+    """Keys a resumed run must keep unchanged: changing them would break the privacy ledger or the user set."""
+    return tuple(s.key for s in key_specs() if s.resume_locked)
+
+
+def coerce_value(key: str, value: Any, type_name: str) -> Any:
+    """Convert a TOML/CLI/JSON value to a field's type (``type_name`` as the dataclass declares it, e.g.
+    ``"int | None"``), with an error that names the key.
+
+    Strings are parsed (``"8"`` -> 8, ``"true"`` -> True); for an optional field, None, ``""`` and ``"none"`` are
+    None. Refused: a bool where a number or string is expected, a float with a fraction for an int, NaN and inf.
+    """
+    base, optional = _base_type(type_name)
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))):
+        return None
+    expected = f"expected {base}{' or none' if optional else ''}, got {value!r}"
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+            return value.strip().lower() in ("true", "1")
+        raise ConfigError(f"invalid config key '{key}': {expected}")
+    if isinstance(value, bool):
+        raise ConfigError(f"invalid config key '{key}': {expected} (a bool)")
+    if base == "int":
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"invalid config key '{key}': {expected}")
+    if base == "float":
+        try:
+            number = float(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"invalid config key '{key}': {expected}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"invalid config key '{key}': must be a finite number, got {value!r}")
+        return number
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    raise ConfigError(f"invalid config key '{key}': {expected}")
+
+
+def _coerce(key: str, value: Any, type_name: str) -> Any:
+    return coerce_value(key, value, type_name)
+
+
+def split_assignment(item: str) -> tuple[str, str]:
+    """``"KEY=VALUE"`` -> ``(KEY, VALUE)``, both stripped; the error names the item."""
+    key, sep, raw = str(item).partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"expected KEY=VALUE, got {item!r} (e.g. beta=0.05)")
+    return key.strip(), raw.strip()
+
+
+def parse_assignments(items: Iterable[str], *, run_control: bool = False) -> dict[str, Any]:
+    """``["prompts=8", "epsilon=none", ...]`` -> ``{"prompts": 8, "epsilon": None, ...}``, typed by the schema.
+
+    The one parser of ``KEY=VALUE`` strings for popri keys (``popri run --set``, the benchmark's ``popri.KEY=VALUE``,
+    the perf harness, ``popri deploy run --set``). ``run_control=True`` also accepts the run-control keys of
+    Flower's run config (``resume``, ``progress``, as bools). Unknown keys and bad values raise :class:`ConfigError`
+    naming the key and the item; a later item for the same key wins. Values are typed only: cross-field checks
+    happen in :func:`config_from_flat`.
+    """
+    types = {key: spec.type_label for key, spec in _spec_by_key().items()}
+    if run_control:
+        types.update({key: "bool" for key in RUN_CONTROL_KEYS})
+    out: dict[str, Any] = {}
+    for item in items:
+        key, raw = split_assignment(item)
+        if key not in types:
+            raise ConfigError(f"unknown config key '{key}' (in {item!r}); known keys: {', '.join(types)}")
+        try:
+            out[key] = coerce_value(key, raw, types[key])
+        except ConfigError as err:
+            raise ConfigError(f"{err} (in {item!r})") from None
+    return out
 
 
 def config_from_flat(flat: dict[str, Any]) -> RunConfig:
     """Build a :class:`RunConfig` from flat kebab-case keys; unknown keys are an error (typos must not pass)."""
-    unknown = sorted(set(flat) - set(known_keys()))
+    specs = _spec_by_key()
+    unknown = sorted(set(flat) - set(specs))
     if unknown:
-        raise ConfigError(f"unknown config key '{unknown[0]}'; known keys: {', '.join(known_keys())}")
-    sections: dict[str, Any] = {}
-    for name, cls in _SECTIONS.items():
-        kwargs = {
-            f.name: _coerce(_key(f.name), flat[_key(f.name)], str(f.type))
-            for f in dataclasses.fields(cls)
-            if _key(f.name) in flat
-        }
-        sections[name] = cls(**kwargs)
-    top = {
-        f.name: _coerce(_key(f.name), flat[_key(f.name)], str(f.type))
-        for f in dataclasses.fields(RunConfig)
-        if f.name not in _SECTIONS and _key(f.name) in flat
+        raise ConfigError(f"unknown config key '{unknown[0]}'; known keys: {', '.join(specs)}")
+    values = {key: coerce_value(key, value, specs[key].type_label) for key, value in flat.items()}
+    sections = {
+        name: cls(**{s.name: values[s.key] for s in specs.values() if s.section == name and s.key in values})
+        for name, cls in _SECTIONS.items()
     }
+    top = {s.name: values[s.key] for s in specs.values() if s.section is None and s.key in values}
     return RunConfig(**sections, **top)
 
 
@@ -280,7 +508,7 @@ def split_run_options(run_config: dict[str, Any]) -> tuple[dict[str, Any], bool,
 
 
 def config_to_flat(config: RunConfig) -> dict[str, Any]:
-    """The inverse of :func:`config_from_flat` (None values are kept as None)."""
+    """The inverse of :func:`config_from_flat` (None values are kept as None; JSON writes them as null)."""
     flat: dict[str, Any] = {}
     for f in dataclasses.fields(RunConfig):
         value = getattr(config, f.name)
@@ -289,6 +517,36 @@ def config_to_flat(config: RunConfig) -> dict[str, Any]:
         else:
             flat[_key(f.name)] = value
     return flat
+
+
+def config_to_app_config(config: RunConfig) -> dict[str, bool | int | float | str]:
+    """Every key as Flower's run config carries it (TOML values: None becomes ``""``); :func:`config_from_flat`
+    reads it back to the same config. ``[tool.flwr.app.config]`` declares ``config_to_app_config(RunConfig())``.
+
+    Use this, not :func:`config_to_flat`, for anything that passes through Flower: a dropped None key would fall
+    back to its default there (epsilon=7 for a fixed-σ run).
+    """
+    return {k: ("" if v is None else v) for k, v in config_to_flat(config).items()}
+
+
+def describe_keys() -> list[dict[str, Any]]:
+    """``[{"key", "type", "default", "help"}, ...]`` for every key (``popri config --json``)."""
+    return [{"key": s.key, "type": s.type_label, "default": s.default, "help": s.help} for s in key_specs()]
+
+
+def delta_warning(delta: float, num_users: int) -> str | None:
+    """A warning when δ >= 1/(number of users), else None.
+
+    An (ε, δ) guarantee with δ >= 1/n allows a mechanism that publishes one user's data in the clear with
+    probability δ (Dwork & Roth 2014, Sec. 2.3): δ should be well below 1/n. The message states no count (counts
+    are private too); the caller decides where to log it.
+    """
+    if num_users >= 1 and delta * num_users >= 1:
+        return (
+            f"delta={delta:g} is not below 1/(number of users): the guarantee would allow releasing some user's data "
+            "in the clear; choose a delta well below 1/(number of users)"
+        )
+    return None
 
 
 def save_config(config: RunConfig, path: Path) -> None:
@@ -300,4 +558,6 @@ def load_config(path: Path) -> RunConfig:
         flat = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from None
+    if not isinstance(flat, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config keys, got {type(flat).__name__}")
     return config_from_flat(flat)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from popri import checkpoint as ckpt
 from popri.assets import generator_dir, load_generator
-from popri.config import ConfigError, RunConfig, config_to_flat, save_config
+from popri.config import ConfigError, RunConfig, config_to_flat, resume_locked_keys, save_config
 from popri.data import load_user_data, split_users
 from popri.dpo import LoraDPO
 from popri.embedding import embed_texts, load_embedder
@@ -41,8 +41,8 @@ from popri.vllm_backend import VllmSampler, vllm_unavailable_reason
 
 logger = logging.getLogger(__name__)
 
-# Keys whose change would break the privacy ledger or the meaning of a resumed run.
-_RESUME_LOCKED = ("epsilon", "noise-multiplier", "delta", "sample-rate", "accountant", "data", "max-users", "seed")
+# Keys whose change would break the privacy ledger or the meaning of a resumed run (the schema marks them).
+_RESUME_LOCKED = resume_locked_keys()
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from popri.config import RunConfig, config_to_flat
+from popri.config import RunConfig, config_to_app_config
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def run_simulation(config: RunConfig, *, resume: bool = False, progress: bool = 
     from client.app import make_client_app
     from server.app import make_server_app
 
-    overrides = {k: v for k, v in config_to_flat(config).items() if v is not None}
+    overrides = config_to_app_config(config)  # every key, None as "": a dropped one would default
     overrides.update({"resume": resume, "progress": progress})
     errors: list[BaseException] = []
     flwr_run_simulation(

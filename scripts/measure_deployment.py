@@ -1,12 +1,19 @@
 """Measure a real loopback deployment against the simulation: seconds per round and bytes per node per round.
 
-    .venv/bin/python scripts/measure_deployment.py [--rounds 3] [--prompts 2] [--samples-per-prompt 2]
+    .venv/bin/python -m scripts.measure_deployment [--rounds 3] [--prompts 2] [--samples-per-prompt 2] [--node-failure]
+
+(from the checkout's root, so that ``python -m deploy`` finds the checkout's ``deploy`` package).
 
 It builds a federation with ``popri deploy`` (TLS, SuperNode auth, two devices with one user each), puts a
 byte-counting TCP relay between node1 and the SuperLink (the TLS stream passes through untouched), and runs POPri
 twice (1 round, then ``--rounds`` rounds): the difference divided by the extra rounds is the marginal traffic of one
 round for one node, polling included. Then it runs ``popri run`` (Flower's simulation engine) with the same settings
-and prints a markdown table of both. Every process it starts is stopped by process group at the end.
+and prints both as JSON (also written to ``measurements.json``). Every process it starts is stopped by process group
+at the end.
+
+``--node-failure`` adds the fault that ``tests/test_deployment.py`` checks by behaviour only: a 1-round run whose
+node2 is SIGKILLed while its ClientApp scores; it prints how long collecting took against ``--reply-timeout`` (the
+round should close at its deadline with node1's reply alone). Timings are printed here, never asserted in a test.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from popri import deploy
+import deploy
 
 FEDERATION = "measure"
 USERS = {
@@ -85,7 +92,9 @@ def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         return subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+def stop_all(
+    procs: list[subprocess.Popen[bytes]], signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGKILL)
+) -> None:
     """SIGTERM, then SIGKILL, the process trees we started: each group led by one of our processes, then each
     process by id (``psutil`` objects notice a reused id, so nobody else's process is touched)."""
     import psutil
@@ -97,7 +106,7 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
             members.update({p.pid: p for p in [root, *root.children(recursive=True)]})
         except psutil.NoSuchProcess:
             pass
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig in signals:
         for member in [m for m in members.values() if m.is_running()]:
             try:
                 if os.getpgid(member.pid) == member.pid:
@@ -106,6 +115,56 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
             except (ProcessLookupError, psutil.NoSuchProcess):
                 pass
         time.sleep(3)
+
+
+def clientapps(proc: subprocess.Popen[bytes]) -> list[Any]:
+    """Live ``flwr-clientapp`` processes under a SuperNode we started (one per message it is handling)."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    live = []
+    for child in children:
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "flwr-clientapp" in " ".join(child.cmdline()):
+                live.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return live
+
+
+def measure_node_failure(
+    app: Path,
+    root: Path,
+    settings: dict[str, Any],
+    node: subprocess.Popen[bytes],
+    procs: list[subprocess.Popen[bytes]],
+    *,
+    reply_timeout: float,
+    env: dict[str, str],
+) -> dict[str, Any]:
+    """A 1-round run whose ``node`` is SIGKILLed (its whole tree) while it scores: how long the round collected."""
+    out = root / "node-failure"
+    config = {**settings, "rounds": 1, "reply-timeout": reply_timeout, "output": str(out)}
+    run_id = deploy.submit_run(app, FEDERATION, config, env=env)
+    deadline = time.monotonic() + 1800
+    while not clientapps(node) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    killed_at_s = time.monotonic()
+    stop_all([node], signals=(signal.SIGKILL,))
+    procs.remove(node)
+    status = deploy.wait_for_run(FEDERATION, run_id, timeout=1800, env=env)
+    (record,) = rounds_of(out)
+    return {
+        "status": status,
+        "reply_timeout_s": reply_timeout,
+        "collect_s": record["seconds"]["collect"],
+        "run_end_after_kill_s": time.monotonic() - killed_at_s,
+        "replies": record["replies"],
+        "rejected_replies": record["rejected_replies"],
+    }
 
 
 def rounds_of(output: Path) -> list[dict[str, Any]]:
@@ -120,6 +179,10 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--out", help="work folder (default: a new temporary folder)")
     parser.add_argument("--skip-simulation", action="store_true")
+    parser.add_argument(
+        "--node-failure", action="store_true", help="also time a round whose node2 is SIGKILLed while it scores"
+    )
+    parser.add_argument("--reply-timeout", type=float, default=30.0, help="the round deadline of --node-failure (s)")
     args = parser.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="popri-measure-")).absolute()
     root.mkdir(parents=True, exist_ok=True)
@@ -136,7 +199,7 @@ def main() -> int:
         "epsilon": 7.0,
     }
     cli_env = deploy.flower_env(root / "cli-home")
-    py = [sys.executable, "-m", "popri.deploy"]
+    py = [sys.executable, "-m", "deploy"]
     procs: list[subprocess.Popen[bytes]] = []
     result: dict[str, Any] = {"settings": settings}
     try:
@@ -163,6 +226,7 @@ def main() -> int:
         )
         time.sleep(5)
         relay = CountingRelay(port)
+        nodes: dict[str, subprocess.Popen[bytes]] = {}
         for name, (user, texts) in USERS.items():
             deploy.write_node_keys(root / "keys", name, overwrite=True)
             subprocess.run(
@@ -174,27 +238,26 @@ def main() -> int:
             data = root / f"{name}.jsonl"
             data.write_text("".join(json.dumps({"user": user, "text": t}) + "\n" for t in texts))
             link = relay.port if name == "node1" else port  # node1's traffic goes through the counting relay
-            procs.append(
-                start(
-                    [
-                        *py,
-                        "supernode",
-                        name,
-                        "--dir",
-                        str(root),
-                        "--superlink",
-                        f"127.0.0.1:{link}",
-                        "--data",
-                        str(data),
-                        "--port",
-                        str(free_port()),
-                        "--poll-interval",
-                        "0.1",
-                    ],
-                    cli_env,
-                    root / f"{name}.log",
-                )
+            nodes[name] = start(
+                [
+                    *py,
+                    "supernode",
+                    name,
+                    "--dir",
+                    str(root),
+                    "--superlink",
+                    f"127.0.0.1:{link}",
+                    "--data",
+                    str(data),
+                    "--port",
+                    str(free_port()),
+                    "--poll-interval",
+                    "0.1",
+                ],
+                cli_env,
+                root / f"{name}.log",
             )
+            procs.append(nodes[name])
         time.sleep(10)
         before, t0 = relay.total(), time.monotonic()
         time.sleep(30)
@@ -221,6 +284,15 @@ def main() -> int:
                 "up": (many["bytes_up"] - one["bytes_up"]) / extra,
                 "down": (many["bytes_down"] - one["bytes_down"]) / extra,
             }
+        if args.node_failure:  # last: node2 stays dead
+            result["node_failure"] = measure_node_failure(
+                app, root, settings, nodes["node2"], procs, reply_timeout=args.reply_timeout, env=cli_env
+            )
+            failure = result["node_failure"]
+            sys.stdout.write(
+                f"node failure: collect {failure['collect_s']:.1f} s with reply-timeout {args.reply_timeout:.0f} s "
+                f"({failure['replies']} reply, {failure['rejected_replies']} rejected, {failure['status']})\n"
+            )
     finally:
         stop_all(procs)
     if not args.skip_simulation:

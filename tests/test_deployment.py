@@ -5,11 +5,13 @@ One federation (a SuperLink and two registered SuperNodes, each with its own pri
 the module. The runs use the real default generator (SmolLM2) with tiny settings. Every process is started in its own
 session and stopped by process id (its whole process tree, process group by process group) in the fixture teardown.
 
-The fast tests at the end cover the helpers of ``popri.deploy`` and the hostile-reply bound without any process.
+The fast tests at the end cover the helpers of the ``deploy`` package and the hostile-reply bound without any
+process. No test bounds an elapsed time: the timings live in ``scripts/measure_deployment.py``, which prints them.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -27,7 +29,8 @@ import numpy as np
 import psutil
 import pytest
 
-from popri import deploy
+import deploy
+from deploy.cli import add_subparser
 from popri.privacy import compute_epsilon
 
 FEDERATION = "popri-test"
@@ -146,7 +149,7 @@ class Service:
 class Federation:
     """A SuperLink with TLS + node auth and registered SuperNodes on loopback, and the flwr CLI pointed at it.
 
-    The processes are started through ``python -m popri.deploy`` (what ``popri deploy ...`` runs), in the folder
+    The processes are started through ``python -m deploy`` (what ``popri deploy ...`` runs), in the folder
     layout it documents (``certs/``, ``keys/``, ``superlink/``, ``nodes/``, ``app/``).
     """
 
@@ -163,11 +166,11 @@ class Federation:
         self.node_ids: dict[str, int] = {}
 
     def _service(self, name: str, step: list[str]) -> Service:
-        """``python -m popri.deploy STEP ... --dir ROOT`` as a service (a restart logs to a new file)."""
+        """``python -m deploy STEP ... --dir ROOT`` as a service (a restart logs to a new file)."""
         argv = [
             sys.executable,
             "-m",
-            "popri.deploy",
+            "deploy",
             *step,
             "--dir",
             str(self.root),
@@ -211,7 +214,7 @@ class Federation:
 
     def register(self, name: str) -> int:
         deploy.write_node_keys(self.root / "keys", name)
-        argv = [sys.executable, "-m", "popri.deploy", "register", name, "--dir", str(self.root)]
+        argv = [sys.executable, "-m", "deploy", "register", name, "--dir", str(self.root)]
         proc = subprocess.run(
             [*argv, "--federation", FEDERATION], env=self.cli_env, capture_output=True, text=True, timeout=60
         )
@@ -250,7 +253,9 @@ class Federation:
     def wait(self, run_id: int, timeout: float = 300) -> str:
         return deploy.wait_for_run(FEDERATION, run_id, timeout=timeout, env=self.cli_env, poll=1.0)
 
-    def run_log(self, run_id: int) -> str:
+    def run_log(self, run_id: int, *, tail: int | None = 6000) -> str:
+        """The run's log as ``flwr log --show`` prints it (the ServerApp's popri lines included); the last ``tail``
+        characters, or all of it with ``tail=None``."""
         proc = subprocess.run(
             [deploy.executable("flwr"), "log", str(run_id), FEDERATION, "--show"],
             env=self.cli_env,
@@ -258,7 +263,8 @@ class Federation:
             text=True,
             timeout=60,
         )
-        return (proc.stdout + proc.stderr)[-6000:]
+        text = proc.stdout + proc.stderr
+        return text if tail is None else text[-tail:]
 
     def stop(self) -> None:
         for service in reversed(self.services):
@@ -342,8 +348,11 @@ def test_two_rounds_finish_when_a_node_is_killed_mid_round_and_it_rejoins(federa
     # Assert: round 1 closed at its deadline with node1's reply alone (node2's missing reply is counted as rejected)
     assert status == "finished:completed", federation.run_log(run_id)
     first, second = _rounds(output)
-    assert (first["replies"], first["rejected_replies"], first["users_sampled"]) == (1, 1, 1)
-    assert REPLY_TIMEOUT - 1 <= first["seconds"]["collect"] < REPLY_TIMEOUT + 30
+    popri_lines = "\n".join(line for line in federation.run_log(run_id, tail=None).splitlines() if " popri." in line)
+    assert (first["replies"], first["rejected_replies"], first["users_sampled"]) == (1, 1, 1), popri_lines
+    # closed by the deadline, not by an early NODE_UNAVAILABLE: the server says why it gave up on node2 (how long
+    # collecting took is printed by scripts/measure_deployment.py --node-failure, never bounded here)
+    assert f"rejected reply from node {node2_id}: no reply within {REPLY_TIMEOUT:.0f}s" in popri_lines
     # Round 2 starts while the SuperLink may still hold the dead node2 "online" (up to 60 s after the kill), so node2
     # answers, fails (NODE_UNAVAILABLE / deadline) or is not asked; node1 always answers
     assert second["replies"] >= 1 and second["users_sampled"] == second["replies"]
@@ -552,10 +561,9 @@ def test_flwr_json_output_is_found_among_log_lines() -> None:
 
 
 def test_deploy_commands_have_help_and_print_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # Prepare
-    from popri.cli import make_parser
-
-    parser = make_parser()
+    # Prepare: the parser `popri` builds (popri.cli registers deploy.cli.add_subparser the same way)
+    parser = argparse.ArgumentParser(prog="popri")
+    add_subparser(parser.add_subparsers(dest="command", required=True))
 
     # Execute / Assert: every step has --help; --print shows the command instead of running it
     for step in ("certs", "keys", "federation", "superlink", "register", "supernode", "app", "run"):
@@ -583,14 +591,57 @@ def test_supervise_restarts_a_refused_supernode_until_it_is_let_in(tmp_path: Pat
     assert code == 0 and counter.read_text() == "3"
 
 
-def test_supervise_gives_up_after_failing_for_retry_for_seconds(tmp_path: Path) -> None:
-    # Execute
-    start = time.monotonic()
-    code = deploy.supervise([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), retry_for=1.0, backoff=0.1)
+class _FakeClock:
+    """A clock that only moves when ``sleep`` is called: the supervisor's restarts can be counted exactly."""
 
-    # Assert
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def _count_starts_script(counter: Path, exit_code: int) -> list[str]:
+    """A stand-in for flower-supernode that counts its starts in ``counter`` and exits with ``exit_code``."""
+    script = (
+        "import pathlib, sys; p = pathlib.Path(sys.argv[1]); "
+        "p.write_text(str(int(p.read_text()) + 1 if p.exists() else 1)); sys.exit(int(sys.argv[2]))"
+    )
+    return [sys.executable, "-c", script, str(counter), str(exit_code)]
+
+
+def test_supervise_gives_up_after_failing_for_retry_for_seconds(tmp_path: Path) -> None:
+    # Prepare: a child that always fails; restarts 0.25 s apart on a clock that moves only while the supervisor waits
+    counter, clock = tmp_path / "starts", _FakeClock()
+
+    # Execute
+    code = deploy.supervise(
+        _count_starts_script(counter, 3), dict(os.environ), retry_for=1.0, backoff=0.25, clock=clock, sleep=clock.sleep
+    )
+
+    # Assert: it kept restarting until the failures had lasted retry_for (starts at 0, .25, .5, .75 and 1.0), then
+    # gave up with the child's exit code, neither earlier nor later
     assert code == 3
-    assert 1.0 <= time.monotonic() - start < 20
+    assert counter.read_text() == "5"
+    assert clock.sleeps == [0.25] * 4
+
+
+def test_supervise_stops_restarting_once_the_child_succeeds(tmp_path: Path) -> None:
+    # Prepare
+    counter, clock = tmp_path / "starts", _FakeClock()
+
+    # Execute
+    code = deploy.supervise(
+        _count_starts_script(counter, 0), dict(os.environ), retry_for=10.0, backoff=0.25, clock=clock, sleep=clock.sleep
+    )
+
+    # Assert: a clean exit ends the loop at once
+    assert code == 0 and counter.read_text() == "1" and clock.sleeps == []
 
 
 def test_hostile_node_moves_the_aggregate_by_at_most_its_claimed_users() -> None:

@@ -12,10 +12,9 @@ from typing import Any
 
 from deploy.errors import DeployError
 from deploy.flower_config import toml_value
-from popri.config import ConfigError, RunConfig, config_from_flat, config_to_flat, known_keys
+from popri.config import RUN_CONTROL_KEYS, ConfigError, RunConfig, config_from_flat, config_to_app_config, known_keys
 
 APP_PACKAGES = ("popri", "server", "client")  # what the ServerApp and ClientApp import
-RUN_CONTROL_KEYS = {"resume": False, "progress": False}  # read by server.app.run_options, not popri.config
 
 
 def app_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -24,7 +23,7 @@ def app_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     With all keys declared in ``[tool.flwr.app.config]``, ``flwr run -c "key=value"`` can set any of them (Flower
     refuses an override of an undeclared key).
     """
-    flat: dict[str, Any] = {k: ("" if v is None else v) for k, v in config_to_flat(RunConfig()).items()}
+    flat: dict[str, Any] = dict(config_to_app_config(RunConfig()))
     flat.update(RUN_CONTROL_KEYS)
     for key, value in (overrides or {}).items():
         if key not in flat:

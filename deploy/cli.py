@@ -21,7 +21,6 @@ import logging
 import os
 import subprocess
 import sys
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from deploy.errors import DeployError
 from deploy.flower_config import flwr_home, write_federation
 from deploy.runs import FINISHED, submit_run, wait_for_run
 from deploy.supervise import supervise
-from popri.config import ConfigError
+from popri.config import ConfigError, parse_assignments
 
 DEFAULT_DIR = "popri-deploy"
 
@@ -69,18 +68,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _parse_sets(items: Sequence[str] | None) -> dict[str, Any]:
-    """``KEY=VALUE`` strings -> a dict with TOML-typed values (``rounds=2`` is an int, ``data=x.jsonl`` a str)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            value = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw.strip()
-        out[key.strip()] = value
-    return out
+    """``KEY=VALUE`` strings -> typed values, through the schema's one parser (run-control keys allowed)."""
+    return parse_assignments(items or [], run_control=True)
 
 
 def _exec_or_print(argv: list[str], env: dict[str, str], args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ COMMANDS: dict[str, Command] = {
     "config": Command("popri.cli.config", "list every config key with its type, default and help"),
     "audit": Command("popri.audit", "empirical lower bound on epsilon of popri's DP mechanism (canary game)"),
     "bench": Command("benchmark.cli", "LargeFedBench: next-token accuracy at a privacy budget for POPri and baselines"),
-    "deploy": Command("popri.deploy", "real deployment: certificates, keys, SuperLink, SuperNodes, runs (Flower)"),
+    "deploy": Command("deploy.cli", "real deployment: certificates, keys, SuperLink, SuperNodes, runs (Flower)"),
 }
 
 _VERBOSE_FLAGS = ("-v", "--verbose")

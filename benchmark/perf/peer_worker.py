@@ -100,7 +100,8 @@ def _openvino(model: Path, work: Path, threads: int) -> tuple[str, Generate]:
 def _vllm(model: Path, work: Path, threads: int) -> tuple[str, Generate]:
     """vLLM's CPU backend on the safetensors folder in bf16 (``n=J`` samples per prompt share the prompt's blocks)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "all")
+    # vLLM binds its OpenMP threads to explicit CPU ids: the first ``threads`` of them, like the other peers' count.
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0" if threads <= 1 else f"0-{threads - 1}")
     import vllm
 
     llm = vllm.LLM(model=str(model), dtype="bfloat16", max_model_len=1024, seed=0, enforce_eager=True)
@@ -132,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="where converted models are cached")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of the backend")
     args = parser.parse_args(argv)
-    # The protocol owns stdout: anything a backend prints goes to stderr.
-    protocol, sys.stdout = sys.stdout, sys.stderr
+    # The protocol owns the real stdout; file descriptor 1 becomes stderr, so that whatever a backend or the
+    # processes it starts print (vLLM's engine runs in a child process) cannot corrupt the protocol.
+    sys.stdout.flush()
+    protocol = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     args.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:

@@ -177,9 +177,11 @@ def worker_peer_status(name: str, python: str | None, *, timeout_s: float = 120.
 class WorkerPeer:
     """One generation peer running ``peer_worker.py`` in its own interpreter; :meth:`generate` is one timed call."""
 
-    def __init__(self, name: str, *, python: str, model_dir: Path, work_dir: Path, threads: int) -> None:
+    def __init__(
+        self, name: str, *, python: str, model_dir: Path, work_dir: Path, threads: int, worker: Path = WORKER
+    ) -> None:
         self.name = name
-        cmd = [python, str(WORKER), name, "--model", str(model_dir), "--work", str(work_dir)]
+        cmd = [python, str(worker), name, "--model", str(model_dir), "--work", str(work_dir)]
         self._proc = subprocess.Popen(
             [*cmd, "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
@@ -195,7 +197,10 @@ class WorkerPeer:
         line = self._proc.stdout.readline()
         if not line:
             return {"error": f"the worker exited (code {self._proc.poll()}); its stderr says why"}
-        return dict(json.loads(line))
+        try:
+            return dict(json.loads(line))
+        except ValueError:
+            return {"error": f"the worker broke the protocol: {line[:200]!r}"}
 
     def generate(
         self,

@@ -212,6 +212,7 @@ def test_worker_peer_speaks_json_lines_and_applies_popris_clean_up(tmp_path: Pat
 
     # Assert: K x J texts in prompt order, cut at the next sample header like popri's own samples
     assert peer.version == "0.0-test" and peer.load_s == 0.5
+    assert "noise a backend prints" in peer.log_path.read_text()  # the engine's output goes to its log, not stdout
     assert texts == [f"sample {k}.{j} of 7" for k in range(2) for j in range(3)]
 
 

@@ -181,14 +181,17 @@ class WorkerPeer:
         self, name: str, *, python: str, model_dir: Path, work_dir: Path, threads: int, worker: Path = WORKER
     ) -> None:
         self.name = name
+        work_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = work_dir / f"{name}-worker.log"  # the engine's own output, which can be long (vLLM's is)
         cmd = [python, str(worker), name, "--model", str(model_dir), "--work", str(work_dir)]
-        self._proc = subprocess.Popen(
-            [*cmd, "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+        with self.log_path.open("w", encoding="utf-8") as log:
+            self._proc = subprocess.Popen(
+                [*cmd, "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+            )
         hello = self._read()
         if not hello.get("ready"):
             self.close()
-            raise RuntimeError(f"{name} peer did not load: {hello.get('error', 'no reply')}")
+            raise RuntimeError(f"{name} peer did not load: {hello.get('error', 'no reply')} (log: {self.log_path})")
         self.version = str(hello.get("version"))
         self.load_s = float(hello.get("load_s", 0.0))
 
@@ -196,7 +199,7 @@ class WorkerPeer:
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline()
         if not line:
-            return {"error": f"the worker exited (code {self._proc.poll()}); its stderr says why"}
+            return {"error": f"the worker exited (code {self._proc.poll()}); {self.log_path} says why"}
         try:
             return dict(json.loads(line))
         except ValueError:
@@ -225,7 +228,7 @@ class WorkerPeer:
         self._proc.stdin.flush()
         reply = self._read()
         if "texts" not in reply:
-            raise RuntimeError(f"{self.name} peer failed: {reply.get('error')}")
+            raise RuntimeError(f"{self.name} peer failed: {reply.get('error')} (log: {self.log_path})")
         texts = list(reply["texts"])
         if len(texts) != len(prompts) * samples_per_prompt:
             raise RuntimeError(f"{self.name} peer returned {len(texts)} texts, expected {len(prompts)} x J")

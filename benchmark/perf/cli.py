@@ -11,14 +11,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from benchmark.perf.inputs import PerfSizes, parse_assignments, sizes_with_overrides
-from benchmark.perf.peers import WORKER_PEERS
-from benchmark.perf.report import render_markdown
-from benchmark.perf.runner import COMPARISONS, run_perf
-from benchmark.perf.stages import GenerationPeers
+from benchmark.perf.schema import COMPARISONS, WORKER_PEER_NAMES, PerfSizes, parse_assignments, sizes_with_overrides
 from popri.config import ConfigError, RunConfig
+
+if TYPE_CHECKING:
+    from benchmark.perf.stages import GenerationPeers
 
 DESCRIPTION = (
     "Time popri's stages against their peers (HF generate, llama.cpp, CTranslate2, OpenVINO GenAI, vLLM CPU, the "
@@ -66,7 +65,7 @@ def _add_perf_flags(group: Any, *, short_names: bool) -> None:
         default=[],
         metavar="NAME=PATH",
         help=f"perf: the interpreter (a venv's bin/python) holding a generation peer; NAME is one of "
-        f"{', '.join(WORKER_PEERS)} (default: this interpreter)",
+        f"{', '.join(WORKER_PEER_NAMES)} (default: this interpreter)",
     )
     group.add_argument(
         "--peer-work",
@@ -100,10 +99,14 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
 
 def peers_from_args(args: argparse.Namespace) -> GenerationPeers:
     """``--peer-python NAME=PATH`` and ``--peer-work`` as :class:`GenerationPeers` (unknown names: ConfigError)."""
+    from benchmark.perf.stages import GenerationPeers
+
     pythons: dict[str, str | None] = {}
     for name, path in parse_assignments(list(getattr(args, "peer_python", None) or []), flag="--peer-python").items():
-        if name not in WORKER_PEERS:
-            raise ConfigError(f"invalid --peer-python {name}={path}: unknown peer; known: {', '.join(WORKER_PEERS)}")
+        if name not in WORKER_PEER_NAMES:
+            raise ConfigError(
+                f"invalid --peer-python {name}={path}: unknown peer; known: {', '.join(WORKER_PEER_NAMES)}"
+            )
         pythons[name] = path
     cache_dir = getattr(args, "cache_dir", None)
     work = getattr(args, "peer_work", None)
@@ -113,6 +116,9 @@ def peers_from_args(args: argparse.Namespace) -> GenerationPeers:
 
 def main(args: argparse.Namespace) -> int:
     """Measure, write OUTPUT/perf.json and perf.md, print the table; 2 on bad flags."""
+    from benchmark.perf.report import render_markdown  # torch and the models load only when the harness runs
+    from benchmark.perf.runner import run_perf
+
     output = Path(getattr(args, "output", None) or "runs/perf")
     quick = bool(getattr(args, "quick", False))
     try:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmark.perf.schema import WORKER_PEER_NAMES
 from benchmark.perf.timing import device
 from popri.generation import SAMPLE_HEADER, clean_completion, iter_chunks, truncate_tokens
 
@@ -47,6 +48,7 @@ WORKER_PEERS: dict[str, tuple[str, str, str]] = {
         "vLLM CPU backend, bf16, SamplingParams(n=J)",
     ),
 }
+assert tuple(WORKER_PEERS) == WORKER_PEER_NAMES
 
 
 @dataclass(frozen=True)

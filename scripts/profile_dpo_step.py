@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/profile_dpo_step.py [--precision bf16] [--steps 3] [--profile] [--compile-mlp]
 
-The pairs are those of `popri bench perf` (popri's own samples of its default prompts; `--perf-output DIR` reuses a
+The pairs are those of `popri perf` (popri's own samples of its default prompts; `--perf-output DIR` reuses a
 harness run's samples, otherwise they are generated first, ~20 s). It prints the reference pass and the median of
 `--steps` rounds of optimizer steps on two 4-pair batches. `--profile` adds torch.profiler's table of one step
 (self CPU time).
@@ -25,7 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmark.perf import PerfSizes, _pairs, _prompts, _sample, _saved_samples, load_default_assets
+from benchmark.perf import (
+    PerfSizes,
+    load_default_assets,
+    perf_prompts,
+    popri_samples,
+    preference_pairs,
+    saved_samples,
+)
 from popri.config import TrainConfig
 from popri.dpo import LoraDPO, tokenize_pair
 
@@ -40,18 +47,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="the frozen base's precision")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median printed)")
-    parser.add_argument("--perf-output", type=Path, help="a `popri bench perf --output` folder whose samples to reuse")
+    parser.add_argument("--perf-output", type=Path, help="a `popri perf --output` folder whose samples to reuse")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of one step")
     parser.add_argument("--compile-mlp", action="store_true", help="also time steps with compiled MLPs and norms")
     args = parser.parse_args()
 
     sizes = PerfSizes()
     assets = load_default_assets(cache_dir=None, cache_users=20, seed=0)
-    prompts = _prompts(assets, sizes, seed=0)
-    samples = _saved_samples(args.perf_output, prompts, sizes, seed=0) if args.perf_output else None
-    samples = samples or _sample(assets, prompts, sizes, seed=0)
-    pairs = [tokenize_pair(assets.tokenizer, p) for p in _pairs(prompts, samples, sizes, seed=0)]
-    batches = [pairs[0:4], pairs[4:8]]
+    prompts = perf_prompts(assets, sizes, seed=0)
+    samples = saved_samples(args.perf_output, prompts, sizes, seed=0) if args.perf_output else None
+    samples = samples or popri_samples(assets, prompts, sizes, seed=0)
+    pairs = [tokenize_pair(assets.tokenizer, p) for p in preference_pairs(prompts, samples, sizes, seed=0)]
+    b = sizes.dpo_batch
+    batches = [pairs[0:b], pairs[b : 2 * b]]
 
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     dpo = LoraDPO(copy.deepcopy(assets.model).to(dtype), assets.tokenizer, config=TrainConfig(precision=args.precision))

@@ -1,0 +1,126 @@
+"""What a harness run is asked for: which comparisons, which peers, and how big (from the run schema's defaults).
+
+Light on purpose (no torch): ``popri --help`` builds the ``perf`` parser from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from popri.config import ConfigError, GenerationConfig, TrainConfig
+
+COMPARISONS = (
+    "generation",
+    "scoring",
+    "dpo",
+    "dpo_fp32",
+    "dpo_loss",
+    "dpo_shared_prompt",
+    "round",
+    "communication",
+    "threads",
+)
+# Generation peers that run in their own interpreter (benchmark/perf/peer_worker.py), by --peer-python NAME.
+WORKER_PEER_NAMES = ("ctranslate2", "openvino", "vllm")
+
+# A default run's settings: the harness measures what `popri run` does unless told otherwise.
+_GENERATION = GenerationConfig()
+_TRAIN = TrainConfig()
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid perf size '{key}': {why}")
+
+
+@dataclass(frozen=True)
+class PerfSizes:
+    """How big each measurement is. The generation and DPO sizes default to a default round of ``popri run``
+    (:class:`popri.config.GenerationConfig`, :class:`popri.config.TrainConfig`); the rest are the harness's own.
+    ``quick`` is a smoke size. Validated when built: the run-schema sizes through the run schema itself.
+    """
+
+    prompts: int = _GENERATION.prompts  # K
+    samples_per_prompt: int = _GENERATION.samples_per_prompt  # J
+    max_new_tokens: int = _GENERATION.max_new_tokens
+    token_budget: int = _GENERATION.token_budget
+    generation_batch: int = _GENERATION.generation_batch_size
+    rejected_rank: int = _TRAIN.rejected_rank
+    dpo_batch: int = _TRAIN.batch_size
+    dpo_pairs: int = 16  # a default round trains on K pairs; 16 (4 steps) keeps TRL's side short (0 = all K)
+    users: int = 2000
+    texts_per_user: float = 50.0  # mean; Shakespeare's 200-user sample has ~54
+    cache_users: int = 20
+    round_max_users: int = 200  # a default run uses all ~1,400 users; 200 keeps the one-off embedding short
+    round_initial_set: int = _GENERATION.initial_set_size
+    repeats_generation: int = 2
+    repeats_scoring: int = 5
+    repeats_dpo: int = 1
+
+    def __post_init__(self) -> None:
+        # The sizes a run also has are checked by the run's own dataclasses (their errors name the run key).
+        GenerationConfig(
+            prompts=self.prompts,
+            samples_per_prompt=self.samples_per_prompt,
+            max_new_tokens=self.max_new_tokens,
+            token_budget=self.token_budget,
+            generation_batch_size=self.generation_batch,
+            initial_set_size=self.round_initial_set,
+        )
+        TrainConfig(rejected_rank=self.rejected_rank, batch_size=self.dpo_batch)
+        _check(self.dpo_pairs >= 0, "dpo-pairs", f"must be >= 0 (0 = all), got {self.dpo_pairs}")
+        _check(self.users >= 1, "users", f"must be >= 1, got {self.users}")
+        _check(self.texts_per_user >= 1, "texts-per-user", f"a mean of >= 1 text, got {self.texts_per_user}")
+        _check(self.cache_users >= 1, "cache-users", f"must be >= 1, got {self.cache_users}")
+        _check(self.round_max_users >= 0, "round-max-users", f"must be >= 0 (0 = all), got {self.round_max_users}")
+        for key in ("repeats_generation", "repeats_scoring", "repeats_dpo"):
+            _check(getattr(self, key) >= 1, key.replace("_", "-"), f"must be >= 1, got {getattr(self, key)}")
+
+    @classmethod
+    def quick(cls) -> PerfSizes:
+        return cls(
+            prompts=4,
+            max_new_tokens=16,
+            token_budget=24,
+            generation_batch=4,
+            dpo_pairs=4,
+            texts_per_user=20.0,
+            cache_users=5,
+            round_max_users=10,
+            round_initial_set=6,
+            repeats_scoring=3,
+        )
+
+
+def parse_assignments(items: list[str], *, flag: str) -> dict[str, str]:
+    """``["KEY=VALUE", ...]`` -> ``{"key": "value"}`` (keys in kebab-case; ``_`` is read as ``-``).
+
+    A stand-in for the project's one KEY=VALUE parser (``popri.config.parse_assignments``) until it is in this tree.
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("_", "-")
+        if not sep or not key:
+            raise ConfigError(f"invalid {flag} {item!r}: write KEY=VALUE, e.g. {flag} prompts=16")
+        out[key] = value.strip()
+    return out
+
+
+def sizes_with_overrides(sizes: PerfSizes, overrides: list[str], *, flag: str = "--perf-size") -> PerfSizes:
+    """``KEY=VALUE`` strings (kebab- or snake-case field names) applied to ``sizes``, each parsed as its field's type.
+
+    Raises :class:`popri.config.ConfigError` (a ``ValueError``) naming the flag, the key and the known fields.
+    """
+    types = {f.name.replace("_", "-"): type(getattr(sizes, f.name)) for f in dataclasses.fields(sizes)}
+    changes: dict[str, Any] = {}
+    for key, value in parse_assignments(overrides, flag=flag).items():
+        if key not in types:
+            raise ConfigError(f"invalid {flag} {key}={value}: unknown size; known: {', '.join(types)}")
+        try:
+            changes[key.replace("-", "_")] = types[key](value)
+        except ValueError:
+            raise ConfigError(f"invalid {flag} {key}={value}: expected {types[key].__name__}") from None
+    return dataclasses.replace(sizes, **changes)

@@ -25,14 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmark.perf import (
-    PerfSizes,
-    load_default_assets,
-    perf_prompts,
-    popri_samples,
-    preference_pairs,
-    saved_samples,
-)
+from benchmark.perf.inputs import load_default_assets, perf_prompts, popri_samples, preference_pairs, saved_samples
+from benchmark.perf.schema import PerfSizes
 from popri.config import TrainConfig
 from popri.dpo import LoraDPO, tokenize_pair
 

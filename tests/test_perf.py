@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from benchmark.perf import (
-    PerfAssets,
-    PerfSizes,
-    interleaved,
-    reference_loop_scores,
-    run_perf,
-    synthetic_private_embeddings,
-)
+from benchmark.perf.inputs import PerfAssets
+from benchmark.perf.peers import reference_loop_scores
+from benchmark.perf.runner import run_perf
+from benchmark.perf.schema import PerfSizes, sizes_with_overrides
+from benchmark.perf.stages import synthetic_private_embeddings
+from benchmark.perf.timing import interleaved
 from popri.data import read_user_file
 from popri.embedding import load_embedder
 from popri.scoring import clipped_scores_sum, user_embedding_sums
@@ -116,7 +114,6 @@ def test_rerun_of_one_comparison_keeps_the_others(tmp_path: Path):
 
 
 def test_size_overrides_parse_and_reject_unknown_fields():
-    from benchmark.perf import sizes_with_overrides
 
     sizes = sizes_with_overrides(PerfSizes(), ["prompts=16", "texts-per-user=7.5"])
     assert sizes.prompts == 16 and sizes.texts_per_user == 7.5
@@ -152,7 +149,6 @@ def test_sizes_default_to_a_default_run():
 )
 def test_bad_size_override_names_the_key_and_the_fix(override: str, message: str):
     # Prepare
-    from benchmark.perf import sizes_with_overrides
     from popri.config import ConfigError
 
     # Execute / Assert

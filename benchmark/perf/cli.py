@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmark.perf.schema import COMPARISONS, WORKER_PEER_NAMES, PerfSizes, parse_assignments, sizes_with_overrides
-from popri.config import ConfigError, RunConfig
+from benchmark.perf.schema import COMPARISONS, WORKER_PEER_NAMES, PerfSizes, sizes_with_overrides
+from popri.config import ConfigError, RunConfig, split_assignment
 
 if TYPE_CHECKING:
     from benchmark.perf.stages import GenerationPeers
@@ -102,7 +102,8 @@ def peers_from_args(args: argparse.Namespace) -> GenerationPeers:
     from benchmark.perf.stages import GenerationPeers
 
     pythons: dict[str, str | None] = {}
-    for name, path in parse_assignments(list(getattr(args, "peer_python", None) or []), flag="--peer-python").items():
+    for item in getattr(args, "peer_python", None) or []:
+        name, path = split_assignment(item)
         if name not in WORKER_PEER_NAMES:
             raise ConfigError(
                 f"invalid --peer-python {name}={path}: unknown peer; known: {', '.join(WORKER_PEER_NAMES)}"

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from popri.config import ConfigError, GenerationConfig, TrainConfig
+from popri.config import ConfigError, GenerationConfig, TrainConfig, coerce_value, split_assignment
 
 COMPARISONS = (
     "generation",
@@ -94,33 +94,23 @@ class PerfSizes:
         )
 
 
-def parse_assignments(items: list[str], *, flag: str) -> dict[str, str]:
-    """``["KEY=VALUE", ...]`` -> ``{"key": "value"}`` (keys in kebab-case; ``_`` is read as ``-``).
-
-    A stand-in for the project's one KEY=VALUE parser (``popri.config.parse_assignments``) until it is in this tree.
-    """
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("_", "-")
-        if not sep or not key:
-            raise ConfigError(f"invalid {flag} {item!r}: write KEY=VALUE, e.g. {flag} prompts=16")
-        out[key] = value.strip()
-    return out
-
-
 def sizes_with_overrides(sizes: PerfSizes, overrides: list[str], *, flag: str = "--perf-size") -> PerfSizes:
     """``KEY=VALUE`` strings (kebab- or snake-case field names) applied to ``sizes``, each parsed as its field's type.
 
     Raises :class:`popri.config.ConfigError` (a ``ValueError``) naming the flag, the key and the known fields.
     """
-    types = {f.name.replace("_", "-"): type(getattr(sizes, f.name)) for f in dataclasses.fields(sizes)}
+    types = {f.name.replace("_", "-"): str(f.type) for f in dataclasses.fields(sizes)}
     changes: dict[str, Any] = {}
-    for key, value in parse_assignments(overrides, flag=flag).items():
-        if key not in types:
-            raise ConfigError(f"invalid {flag} {key}={value}: unknown size; known: {', '.join(types)}")
+    for item in overrides:
         try:
-            changes[key.replace("-", "_")] = types[key](value)
-        except ValueError:
-            raise ConfigError(f"invalid {flag} {key}={value}: expected {types[key].__name__}") from None
+            key, value = split_assignment(item)
+        except ConfigError as err:
+            raise ConfigError(f"invalid {flag} {item!r}: {err}") from None
+        key = key.replace("_", "-")
+        if key not in types:
+            raise ConfigError(f"invalid {flag} {item}: unknown size; known: {', '.join(types)}")
+        try:
+            changes[key.replace("-", "_")] = coerce_value(key, value, types[key])
+        except ConfigError as err:
+            raise ConfigError(f"invalid {flag} {item}: {err}") from None
     return dataclasses.replace(sizes, **changes)

@@ -35,6 +35,9 @@ COMMANDS: dict[str, Command] = {
     "audit": Command("popri.audit", "empirical lower bound on epsilon of popri's DP mechanism (canary game)"),
     "bench": Command("benchmark.cli", "LargeFedBench: next-token accuracy at a privacy budget for POPri and baselines"),
     "deploy": Command("deploy.cli", "real deployment: certificates, keys, SuperLink, SuperNodes, runs (Flower)"),
+    "perf": Command(
+        "benchmark.perf.cli", "time each stage of a round side by side with its peers (HF, llama.cpp, TRL, ...)"
+    ),
 }
 
 _VERBOSE_FLAGS = ("-v", "--verbose")

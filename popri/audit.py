@@ -30,10 +30,11 @@ the larger:
 
 - **Clopper–Pearson** (non-parametric, Jagielski et al. 2020, Alg. 2). The statistic is the Neyman–Pearson optimal
   one for a Poisson-subsampled Gaussian shift, ``Λ = Σ_t log(1 − q + q·exp((a_t (x_t − m_t) − a_t²/2) / v_t))`` with
-  ``a_t = ||c_t||²`` and the per-round mean ``m_t`` and variance ``v_t`` of ``x_t`` without the canary estimated on
-  the tuning half (at q = 1 it is the linear statistic ``Σ_t x_t`` up to an affine map). The threshold and the side of
-  the test are chosen on the tuning half; on the bound half (ε, δ)-DP implies ``TPR <= e^ε FPR + δ`` (or the same for
-  the complement set), so ``ε_cp = log((TPR_lo − δ) / FPR_hi)`` with Clopper–Pearson ends.
+  ``a_t = <c_t, d_t>`` (the canary's shift of ``x_t``) and the per-round mean ``m_t`` and variance ``v_t`` of ``x_t``
+  without the canary estimated on the tuning half (at q = 1 it is the linear statistic ``Σ_t x_t`` up to an affine
+  map). The threshold and the side of the test are chosen on the tuning half; on the bound half (ε, δ)-DP implies
+  ``TPR <= e^ε FPR + δ`` (or the same for the complement set), so ``ε_cp = log((TPR_lo − δ) / FPR_hi)`` with
+  Clopper–Pearson ends.
 - **Gaussian DP** (parametric). Where the statistic is Gaussian with the same variance in both worlds — exactly so at
   q = 1, where the background is fixed and the noise Gaussian — the linear statistic ``S = Σ_t x_t`` gives
   ``μ̂ = (mean_with − mean_without) / pooled std``; ``μ̂·sqrt(n1 n0 / (n1 + n0))`` is non-central t, which gives an

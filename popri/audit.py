@@ -79,10 +79,9 @@ import numpy as np
 from scipy import optimize, stats
 from tqdm import tqdm
 
-from popri.config import ConfigError
-from popri.node import NodeScorer
+from popri.config import ConfigError, PrivacyConfig
+from popri.node import NodeScorer, secure_node_vector
 from popri.privacy import (
-    add_noise_share,
     calibrate_noise,
     compute_epsilon,
     gaussian_mechanism,
@@ -390,21 +389,29 @@ def node_reply(
     sample_rate: float,
     rng: np.random.Generator,
     noise_share: tuple[float, int] | None = None,
+    clipping_range: float = PrivacyConfig().secagg_clipping_range,
 ) -> tuple[np.ndarray, int]:
     """What one node sends in a round, as the ClientApp computes it: the one place the audit reaches node code.
 
     Central mode (``noise_share=None``): ``NodeScorer.score`` — the sum over Poisson-sampled users (rate q) of their
-    clipped score vectors, and how many were sampled. Secure-aggregation mode (``noise_share=(σ, min_replies)``): that
-    sum plus the node's share N(0, σ²/min_replies) from :func:`popri.privacy.add_noise_share`, as the ClientApp's
-    ``train`` handler adds it. Repoint this function when node code moves; nothing else in the audit calls it.
+    clipped score vectors, and how many were sampled. Secure-aggregation mode (``noise_share=(σ, min_replies)``):
+    :func:`popri.node.secure_node_vector` of that sum — projected onto the SecAgg+ box, plus the node's share
+    N(0, σ²/min_replies) — as the ClientApp's ``train`` handler sends it. Sampling and noise use two independent
+    streams spawned from ``rng``, as :func:`popri.node.node_generators` gives the ClientApp.
     """
-    node_sum, sampled = scorer.score(sample_embeddings, sample_rate=sample_rate, rng=rng)
+    sampling_rng, noise_rng = rng.spawn(2)
+    node_sum, sampled = scorer.score(sample_embeddings, sample_rate=sample_rate, rng=sampling_rng)
     if noise_share is None:
         return node_sum, sampled
     noise_multiplier, min_replies = noise_share
-    return add_noise_share(
-        node_sum=node_sum, noise_multiplier=noise_multiplier, min_replies=min_replies, rng=rng
-    ), sampled
+    vector = secure_node_vector(
+        node_sum=node_sum,
+        noise_multiplier=noise_multiplier,
+        min_replies=min_replies,
+        clipping_range=clipping_range,
+        rng=noise_rng,
+    )
+    return vector, sampled
 
 
 class _UnclippedScorer(NodeScorer):

@@ -7,12 +7,13 @@ vector leaves masked; the server can unmask only the sum over at least ``min-rep
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -47,6 +48,12 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
         flat, _, _ = split_run_options({**context.run_config, **(overrides or {})})
         return config_from_flat(flat)
 
+    @app.query("prepare")
+    def prepare(msg: Message, context: Context) -> Message:
+        """Prove this node's data source: a salted hash of what it holds (duplicates are excluded by the server)."""
+        tag = _source_tag(run_config(context), dict(context.node_config), str(msg.content["config"]["source-salt"]))
+        return Message(RecordDict({"source": ConfigRecord({"tag": tag})}), reply_to=msg)
+
     @app.query("score")
     def score(msg: Message, context: Context) -> Message:
         config = run_config(context)
@@ -58,7 +65,13 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
             embeddings, sample_rate=sample_rate, rng=rng
         )
         content = RecordDict(
-            {"scores": ArrayRecord({"scores": _array(node_sum)}), "meta": MetricRecord({"num-users": num_users})}
+            {
+                "scores": ArrayRecord({"scores": _array(node_sum)}),
+                "meta": MetricRecord({"num-users": num_users}),
+                "source": ConfigRecord(
+                    {"tag": _source_tag(config, dict(context.node_config), str(msg.content["config"]["source-salt"]))}
+                ),
+            }
         )
         return Message(content, reply_to=msg)
 
@@ -96,6 +109,14 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
         return Message(fitres_to_recorddict(res, keep_input=True), reply_to=msg)
 
     return app
+
+
+def _source_tag(config: RunConfig, node_config: dict[str, Any], salt: str) -> str:
+    """The salted hash of this node's data source (its file or its partition of the configured data set)."""
+    data_path = str(node_config.get("data-path", "") or "")
+    pid, parts = int(node_config.get("partition-id", 0)), int(node_config.get("num-partitions", 1))
+    source = f"{data_path or config.data.data}|{pid}|{parts}"
+    return hashlib.sha256(f"{salt}|{source}".encode()).hexdigest()
 
 
 def _node_rng(config: RunConfig, node_id: int, round_index: int, *, stream: int) -> np.random.Generator:

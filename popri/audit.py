@@ -65,7 +65,7 @@ import numpy as np
 from scipy import optimize, stats
 from tqdm import tqdm
 
-from popri.privacy import add_noise_share, calibrate_noise, compute_epsilon, gaussian_mechanism
+from popri.privacy import SENSITIVITY, add_noise_share, calibrate_noise, compute_epsilon, gaussian_mechanism
 from popri.scoring import clip_user_scores, clipped_scores_sum, raw_user_scores, user_embedding_sums
 
 logger = logging.getLogger(__name__)
@@ -272,7 +272,9 @@ def play_game(
                 canary_part = present[start:stop, None] * shift[t]
                 if mode == "central":
                     summed = base[t] + canary_part  # (block, N): what the clients' sum is
-                    released = gaussian_mechanism(summed_scores=summed, noise_multiplier=noise_multiplier, rng=rng)
+                    released = gaussian_mechanism(
+                        summed_scores=summed, noise_multiplier=noise_multiplier, sensitivity=SENSITIVITY, rng=rng
+                    )
                 else:  # each node noises its own sum (the canary lives on node 0); the server sees their total
                     released = sum(
                         add_noise_share(

@@ -177,6 +177,12 @@ class RunConfig:
     reply_timeout: float = field(
         default=600.0, metadata={"help": "seconds the server waits for nodes to connect and for their replies"}
     )
+    prepare_timeout: float = field(
+        default=3600.0, metadata={"help": "seconds the server waits for nodes to prove their data source"}
+    )
+    max_discarded_rounds: int = field(
+        default=3, metadata={"help": "a discarded round is redone at most this many times in a row"}
+    )
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")

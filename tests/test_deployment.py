@@ -342,11 +342,11 @@ def test_two_rounds_finish_when_a_node_is_killed_mid_round_and_it_rejoins(federa
     # Assert: round 1 closed at its deadline with node1's reply alone (node2's missing reply is counted as rejected)
     assert status == "finished:completed", federation.run_log(run_id)
     first, second = _rounds(output)
-    assert (first["replies"], first["rejected_replies"], first["users_sampled"]) == (1, 1, 1)
+    assert (first["replies"], first["rejected_replies"]) == (1, 1) and "users_sampled" not in first
     assert REPLY_TIMEOUT - 1 <= first["seconds"]["collect"] < REPLY_TIMEOUT + 30
     # Round 2 starts while the SuperLink may still hold the dead node2 "online" (up to 60 s after the kill), so node2
     # answers, fails (NODE_UNAVAILABLE / deadline) or is not asked; node1 always answers
-    assert second["replies"] >= 1 and second["users_sampled"] == second["replies"]
+    assert second["replies"] >= 1 and "users_sampled" not in second
     # the ledger charged each round once, whatever the number of replies
     privacy = _privacy(output)
     assert privacy["rounds_completed"] == 2
@@ -404,7 +404,7 @@ def test_secure_aggregation_round_on_real_supernodes(federation: Federation) -> 
     # Assert: one SecAgg+ round over both devices, charged once; the server never learned a user count
     assert status == "finished:completed", federation.run_log(run_id)
     (record,) = _rounds(output)
-    assert record["replies"] == 2 and record["users_sampled"] is None and record["pairs"] == TINY["prompts"]
+    assert record["replies"] == 2 and "users_sampled" not in record and record["pairs"] == TINY["prompts"]
     privacy = _privacy(output)
     assert privacy["privacy_mode"] == "secagg" and privacy["rounds_completed"] == 1
     assert "Secure aggregation completed" in federation.run_log(run_id)

@@ -79,7 +79,7 @@ def dp_vote_histogram(
     """The released histogram ``H̃ = Σ_u v_u + N(0, σ² I)`` (only this leaves the private side)."""
     nearest = nearest_sample(private_embeddings, sample_embeddings)
     votes = user_vote_sum(nearest, owner, num_samples=sample_embeddings.shape[0])
-    return gaussian_mechanism(summed_scores=votes, noise_multiplier=noise_multiplier, rng=rng)
+    return gaussian_mechanism(summed_scores=votes, noise_multiplier=noise_multiplier, sensitivity=1.0, rng=rng)
 
 
 @dataclass

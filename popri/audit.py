@@ -82,6 +82,7 @@ from tqdm import tqdm
 from popri.config import ConfigError, PrivacyConfig
 from popri.node import NodeScorer, secure_node_vector
 from popri.privacy import (
+    SENSITIVITY,
     calibrate_noise,
     compute_epsilon,
     gaussian_mechanism,
@@ -452,7 +453,9 @@ def _release(
     for scorer in scorers:  # the server validates and re-clips every reply, then noises the total once
         node_sum, sampled = node_reply(scorer, sample_embeddings, sample_rate=sample_rate, rng=rng)
         summed_scores += validate_node_sum(node_sum, expected_len=n, num_users=sampled)
-    return gaussian_mechanism(summed_scores=summed_scores, noise_multiplier=noise_multiplier, rng=rng)
+    return gaussian_mechanism(
+        summed_scores=summed_scores, noise_multiplier=noise_multiplier, sensitivity=SENSITIVITY, rng=rng
+    )
 
 
 def _user_vectors(sample_embeddings: np.ndarray, user_sums: np.ndarray, *, break_mode: str) -> np.ndarray:

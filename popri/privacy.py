@@ -185,14 +185,22 @@ def make_noise_rng(seed: int | None) -> tuple[np.random.Generator, bool]:
     return np.random.Generator(np.random.PCG64(seed)), True
 
 
-def gaussian_mechanism(*, summed_scores: np.ndarray, noise_multiplier: float, rng: np.random.Generator) -> np.ndarray:
-    """``dp_scores = summed_scores + N(0, (σ·Δ)² I)`` with Δ = 1, the L2 sensitivity of a sum of clipped users.
+def gaussian_mechanism(
+    *, summed_scores: np.ndarray, noise_multiplier: float, sensitivity: float, rng: np.random.Generator
+) -> np.ndarray:
+    """``dp_scores = summed_scores + N(0, (σ·Δ)² I)``: the Gaussian mechanism on a sum of L2 sensitivity Δ.
 
-    Source: the Gaussian mechanism (Dwork & Roth 2014, App. A) as used on the sum by POPri (Hou et al. 2025, Alg. 1).
+    ``sensitivity`` is Δ, the most one unit of privacy (one user) can move ``summed_scores`` in L2: 1 for POPri's sum
+    of clipped user vectors (:data:`SENSITIVITY`), the clipping norm for DP-FedAvg's sum of clipped updates. The
+    standard deviation is σ·Δ, so ε depends on σ alone (what the accountant is given).
+    Source: the Gaussian mechanism (Dwork & Roth 2014, App. A) as used on the sum by POPri (Hou et al. 2025, Alg. 1)
+    and by DP-FedAvg (McMahan et al. 2018).
     """
     if noise_multiplier < 0:
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-    noise = rng.normal(0.0, noise_multiplier * SENSITIVITY, size=summed_scores.shape)
+    if not np.isfinite(sensitivity) or sensitivity <= 0:
+        raise ValueError(f"sensitivity must be a finite number > 0, got {sensitivity}")
+    noise = rng.normal(0.0, noise_multiplier * sensitivity, size=summed_scores.shape)
     return (summed_scores.astype(np.float64) + noise).astype(np.float64)
 
 
@@ -252,6 +260,9 @@ def validate_node_sum(node_sum: np.ndarray, *, expected_len: int, num_users: int
         raise InvalidReplyError(f"reply has dtype {arr.dtype}, expected a float vector")
     if not np.all(np.isfinite(arr)):
         raise InvalidReplyError("reply contains NaN or inf")
+    # The count is a private value: the messages name the check that failed, never the count itself.
+    if isinstance(num_users, bool) or not isinstance(num_users, (int, np.integer)):
+        raise InvalidReplyError(f"reply's user count has type {type(num_users).__name__}, expected an int")
     if num_users < 0:
-        raise InvalidReplyError(f"reply claims {num_users} users")
+        raise InvalidReplyError(f"reply claims {num_users} users")  # an impossible claim, not a real count
     return clip_l2(arr.astype(np.float64), max_norm=SENSITIVITY * num_users)

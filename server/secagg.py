@@ -28,7 +28,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
-from popri.rounds import SecureSum
+from popri.release import SecureSum
 
 logger = logging.getLogger(__name__)
 

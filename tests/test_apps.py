@@ -19,11 +19,39 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_two_rounds_write_every_artifact_and_spend_the_accounted_epsilon(tiny_model_dir, user_file, tmp_path):
+def _count_users_in_memory(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The user totals the server's re-clip worked with, one per release (they exist in memory only)."""
+    import popri.release
+
+    counted: list[int] = []
+    real = popri.release.aggregate_replies
+
+    def counting(replies, *, expected_len):
+        summed, users, rejected = real(replies, expected_len=expected_len)
+        counted.append(users)
+        return summed, users, rejected
+
+    monkeypatch.setattr(popri.release, "aggregate_replies", counting)
+    return counted
+
+
+def _score_replies_only(tamper):
+    """A tamper that leaves the nodes' ``query.prepare`` replies alone (they prove the data source first)."""
+
+    def only_scores(node_id, reply):
+        return tamper(node_id, reply) if reply.metadata.message_type == "query.score" else reply
+
+    return only_scores
+
+
+def test_two_rounds_write_every_artifact_and_spend_the_accounted_epsilon(
+    tiny_model_dir, user_file, tmp_path, monkeypatch
+):
     # Prepare
     out = tmp_path / "run"
     cfg = tiny_run_config(tiny_model_dir, user_file, out)
     grid = InProcessGrid(make_client_app(), NODES, cfg)
+    counted = _count_users_in_memory(monkeypatch)
 
     # Execute
     run_server(grid, cfg)
@@ -37,7 +65,7 @@ def test_two_rounds_write_every_artifact_and_spend_the_accounted_epsilon(tiny_mo
     rounds = _read_jsonl(out / "rounds.jsonl")
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["replies"] == 2 and r["pairs"] == 3 for r in rounds)
-    assert rounds[0]["users_sampled"] == 9  # 12 users, 3 held out for validation
+    assert counted == [9, 9]  # 12 users, 3 held out for validation: the re-clip's count, in memory only
     assert {"generate", "embed", "collect", "aggregate", "dpo"} <= set(rounds[0]["seconds"])
     assert len(_read_jsonl(out / "synthetic.jsonl")) == 4
     assert (out / "rounds.png").stat().st_size > 0
@@ -64,13 +92,15 @@ def test_adapter_trained_in_round_one_is_the_one_round_two_generates_with(tiny_m
 
 
 @pytest.mark.parametrize(
-    "tamper_kind", ["nan", "wrong_shape", "inf", "missing_key", "error"], ids=lambda k: f"reply_{k}_rejected"
+    "tamper_kind",
+    ["nan", "wrong_shape", "inf", "missing_key", "error", "num_users_inf", "wrong_tag"],
+    ids=lambda k: f"reply_{k}_rejected",
 )
 def test_broken_reply_is_rejected_logged_and_the_round_goes_on(
     tiny_model_dir, user_file, tmp_path, caplog, tamper_kind
 ):
     # Prepare: node 102 answers with garbage every round
-    from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
     def tamper(node_id, reply):
         if node_id != 102:
@@ -79,6 +109,13 @@ def test_broken_reply_is_rejected_logged_and_the_round_goes_on(
             error = Message(Error(code=2, reason="boom"), reply_to=reply)
             error.metadata._reply_to_message_id = reply.metadata.reply_to_message_id  # answer the original message
             return error
+        if tamper_kind in ("num_users_inf", "wrong_tag"):
+            content = reply.content
+            if tamper_kind == "num_users_inf":
+                content["meta"] = MetricRecord({"num-users": float("inf")})
+            else:
+                content["source"] = ConfigRecord({"tag": "ab" * 32})
+            return reply
         vec = np.full(9, np.nan) if tamper_kind == "nan" else np.zeros(5) if tamper_kind == "wrong_shape" else None
         vec = np.full(9, np.inf) if tamper_kind == "inf" else vec
         content = {"meta": MetricRecord({"num-users": 4})}
@@ -89,7 +126,7 @@ def test_broken_reply_is_rejected_logged_and_the_round_goes_on(
 
     out = tmp_path / "run"
     cfg = tiny_run_config(tiny_model_dir, user_file, out, rounds=1, **{"final-samples": 0, "reply-timeout": 30.0})
-    grid = InProcessGrid(make_client_app(), NODES, cfg, tamper=tamper)
+    grid = InProcessGrid(make_client_app(), NODES, cfg, tamper=_score_replies_only(tamper))
 
     # Execute
     run_server(grid, cfg)
@@ -101,21 +138,121 @@ def test_broken_reply_is_rejected_logged_and_the_round_goes_on(
     assert json.loads((out / "privacy.json").read_text())["rounds_completed"] == 1
 
 
-def test_round_with_too_few_replies_is_discarded_and_not_charged(tiny_model_dir, user_file, tmp_path):
-    # Prepare: one of two nodes is dead, and the round needs both
+def test_round_with_too_few_replies_is_discarded_and_not_charged(tiny_model_dir, user_file, tmp_path, caplog):
+    # Prepare: one of two nodes proves its source, then never answers a round, and the round needs both
     out = tmp_path / "run"
     cfg = tiny_run_config(tiny_model_dir, user_file, out, rounds=1, **{"min-replies": 2, "reply-timeout": 1.0})
-    grid = InProcessGrid(make_client_app(), NODES, cfg)
-    grid.dead.add(102)
+    silent_102 = _score_replies_only(lambda node_id, reply: None if node_id == 102 else reply)
+    grid = InProcessGrid(make_client_app(), NODES, cfg, tamper=silent_102)
 
     # Execute
     run_server(grid, cfg)
 
-    # Assert
+    # Assert: redone max-discarded-rounds (3) times, then the run stopped cleanly with its artifacts
     record = _read_jsonl(out / "rounds.jsonl")[0]
     assert record["discarded"] is True
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["rounds_completed"] == 0 and privacy["epsilon"] == 0.0
+    assert [(r["round"], r["discarded"]) for r in _read_jsonl(out / "rounds.jsonl")] == [(1, True)] * 4
+    assert "discarded 4 times in a row" in privacy["stop_reason"]
+    assert "stopping the run: round 1 was discarded 4 times in a row" in caplog.text
+
+
+def test_a_discarded_round_is_redone_and_the_requested_private_rounds_are_kept(
+    tiny_model_dir, user_file, tmp_path, caplog
+):
+    # Prepare: node 102 misses round 1's first attempt only; the round needs both nodes
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, user_file, out, **{"min-replies": 2, "final-samples": 0})
+    missed = {"n": 0}
+
+    def miss_once(node_id, reply):
+        if node_id == 102 and missed["n"] == 0:
+            missed["n"] += 1
+            return None
+        return reply
+
+    grid = InProcessGrid(make_client_app(), NODES, cfg, tamper=_score_replies_only(miss_once))
+
+    # Execute
+    with caplog.at_level("INFO"):
+        run_server(grid, cfg)
+
+    # Assert: round 1 discarded, then redone; both requested private rounds ran and were charged
+    rounds = _read_jsonl(out / "rounds.jsonl")
+    assert [(r["round"], r.get("discarded", False)) for r in rounds] == [(1, True), (1, False), (2, False)]
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert privacy["rounds_completed"] == 2 and privacy["stop_reason"] is None
+    assert "round 1/2 is redone" in caplog.text and "round 2/2: epsilon=" in caplog.text
+
+
+def test_too_few_ready_nodes_is_a_clear_error_and_nothing_is_charged(tiny_model_dir, user_file, tmp_path):
+    # Prepare: node 102 is down before the run, and a round needs both nodes
+    from server.app import NotEnoughNodesError
+
+    out = tmp_path / "run"
+    cfg = tiny_run_config(
+        tiny_model_dir, user_file, out, rounds=1, **{"min-replies": 2, "prepare-timeout": 1.0, "reply-timeout": 1.0}
+    )
+    grid = InProcessGrid(make_client_app(), NODES, cfg)
+    grid.dead.add(102)
+
+    # Execute / Assert
+    with pytest.raises(NotEnoughNodesError, match="min-replies"):
+        run_server(grid, cfg)
+    assert not (out / "ledger.json").exists()
+    assert grid.sent == 1  # the prepare to node 101; no round was started
+
+
+def test_a_node_with_a_duplicate_data_source_is_excluded_and_counted_once(
+    tiny_model_dir, user_file, tmp_path, monkeypatch, caplog
+):
+    # Prepare: nodes 101 and 103 hold the same partition; 102 holds the other
+    out = tmp_path / "run"
+    nodes = {**NODES, 103: dict(NODES[101])}
+    cfg = tiny_run_config(tiny_model_dir, user_file, out, rounds=1, **{"num-nodes": 3, "final-samples": 0})
+    grid = InProcessGrid(make_client_app(), nodes, cfg)
+    counted = _count_users_in_memory(monkeypatch)
+
+    # Execute
+    run_server(grid, cfg)
+
+    # Assert: the first node with the source is kept, the duplicate takes no part, the users count once
+    (record,) = _read_jsonl(out / "rounds.jsonl")
+    assert record["replies"] == 2 and record["rejected_replies"] == 0
+    assert "node 103 excluded: it has the same data source as node 101" in caplog.text
+    assert counted == [9]
+
+
+def test_no_exact_user_count_reaches_an_artifact_or_a_server_log_line(tiny_model_dir, user_file, tmp_path, caplog):
+    # Prepare
+    import re
+
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, user_file, out, **{"diagnostics": False})
+    grid = InProcessGrid(make_client_app(), NODES, cfg)
+
+    # Execute
+    with caplog.at_level("DEBUG"):
+        run_server(grid, cfg)
+
+    # Assert: no JSON artifact (rounds, privacy, ledger, checkpoints' meta) has a key naming users; no server log
+    # line (the nodes' own logs stay on the nodes) mentions a number of users
+    def keys(obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                yield k
+                yield from keys(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                yield from keys(v)
+
+    docs = [json.loads(p.read_text()) for p in out.rglob("*.json") if p.name != "config.json"]  # settings only
+    docs += [row for p in out.rglob("*.jsonl") for row in _read_jsonl(p)]
+    assert docs and not [k for doc in docs for k in keys(doc) if "user" in str(k).lower()]
+    node_side = ("client", "popri.node", "popri.embedding", "popri.scoring", "popri.data")  # logged on the node
+    server_lines = [r.getMessage() for r in caplog.records if not r.name.startswith(node_side)]
+    assert server_lines and not [line for line in server_lines if re.search(r"users?\W*\d|\d+\W*users?", line)]
 
 
 def test_crash_mid_round_then_resume_continues_the_ledger(tiny_model_dir, user_file, tmp_path):
@@ -128,7 +265,7 @@ def test_crash_mid_round_then_resume_continues_the_ledger(tiny_model_dir, user_f
 
     def dying_push(messages):
         pushes["n"] += 1
-        if pushes["n"] == 2:
+        if pushes["n"] == 3:  # push 1 is query.prepare, pushes 2 and 3 are rounds 1 and 2
             raise KeyboardInterrupt("server killed")
         return real_push(messages)
 

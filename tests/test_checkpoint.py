@@ -190,3 +190,58 @@ def test_prune_with_fewer_checkpoints_than_kept_deletes_nothing(tmp_path: Path) 
 
     # assert
     assert latest_checkpoint(tmp_path) == tmp_path / "round-0001"
+
+
+def test_atomic_write_fsyncs_the_file_and_its_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # prepare: record what every fsync was called on
+    import stat
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+
+    # execute
+    atomic_write_json(tmp_path / "ledger.json", {"history": []})
+
+    # assert: the data before the rename, the directory entry after it
+    assert synced == ["file", "dir"]
+
+
+def test_checkpoint_files_and_folders_are_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # prepare
+    import stat
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+
+    # execute
+    save_checkpoint(tmp_path, 0, tensors=_tensors(0), meta={"round": 0}, files={"pairs.jsonl": ""})
+
+    # assert: state.pt, pairs.jsonl and meta.json, then the new folder and its parent
+    assert synced == ["file", "file", "file", "dir", "dir"]
+
+
+def test_a_second_lock_on_a_run_folder_is_refused_until_the_first_is_released(tmp_path: Path) -> None:
+    # prepare
+    from popri.checkpoint import RunLock, RunLockedError
+
+    first = RunLock(tmp_path).acquire()
+
+    # execute / assert: flock locks belong to an open file, so a second open (any process) is refused
+    with pytest.raises(RunLockedError, match="in use by another popri process"):
+        RunLock(tmp_path).acquire()
+    first.release()
+    with RunLock(tmp_path) as again:
+        assert again.held
+    assert not again.held

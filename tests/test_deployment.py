@@ -349,13 +349,13 @@ def test_two_rounds_finish_when_a_node_is_killed_mid_round_and_it_rejoins(federa
     assert status == "finished:completed", federation.run_log(run_id)
     first, second = _rounds(output)
     popri_lines = "\n".join(line for line in federation.run_log(run_id, tail=None).splitlines() if " popri." in line)
-    assert (first["replies"], first["rejected_replies"], first["users_sampled"]) == (1, 1, 1), popri_lines
+    assert (first["replies"], first["rejected_replies"]) == (1, 1) and "users_sampled" not in first, popri_lines
     # closed by the deadline, not by an early NODE_UNAVAILABLE: the server says why it gave up on node2 (how long
     # collecting took is printed by scripts/measure_deployment.py --node-failure, never bounded here)
     assert f"rejected reply from node {node2_id}: no reply within {REPLY_TIMEOUT:.0f}s" in popri_lines
     # Round 2 starts while the SuperLink may still hold the dead node2 "online" (up to 60 s after the kill), so node2
     # answers, fails (NODE_UNAVAILABLE / deadline) or is not asked; node1 always answers
-    assert second["replies"] >= 1 and second["users_sampled"] == second["replies"]
+    assert second["replies"] >= 1 and "users_sampled" not in second
     # the ledger charged each round once, whatever the number of replies
     privacy = _privacy(output)
     assert privacy["rounds_completed"] == 2
@@ -413,7 +413,7 @@ def test_secure_aggregation_round_on_real_supernodes(federation: Federation) -> 
     # Assert: one SecAgg+ round over both devices, charged once; the server never learned a user count
     assert status == "finished:completed", federation.run_log(run_id)
     (record,) = _rounds(output)
-    assert record["replies"] == 2 and record["users_sampled"] is None and record["pairs"] == TINY["prompts"]
+    assert record["replies"] == 2 and "users_sampled" not in record and record["pairs"] == TINY["prompts"]
     privacy = _privacy(output)
     assert privacy["privacy_mode"] == "secagg" and privacy["rounds_completed"] == 1
     assert "Secure aggregation completed" in federation.run_log(run_id)

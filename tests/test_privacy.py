@@ -117,7 +117,7 @@ def test_gaussian_mechanism_noise_has_std_sigma_and_mean_zero(noise_multiplier: 
     rng = np.random.Generator(np.random.PCG64(1234))
 
     # execute
-    noisy = gaussian_mechanism(summed_scores=np.zeros(n), noise_multiplier=noise_multiplier, rng=rng)
+    noisy = gaussian_mechanism(summed_scores=np.zeros(n), noise_multiplier=noise_multiplier, sensitivity=1.0, rng=rng)
 
     # assert: (n-1)·s²/σ² ~ χ²(n-1); a two-sided 1e-6 interval fails a correct mechanism once in 10^6 seeds,
     # and is about ±1.1 % on the std at this n, so a σ·C/n or σ² mix-up cannot pass
@@ -155,7 +155,7 @@ def test_gaussian_mechanism_adds_noise_to_the_sum_and_keeps_shape() -> None:
     rng = np.random.Generator(np.random.PCG64(5))
 
     # execute
-    noisy = gaussian_mechanism(summed_scores=summed, noise_multiplier=2.0, rng=rng)
+    noisy = gaussian_mechanism(summed_scores=summed, noise_multiplier=2.0, sensitivity=1.0, rng=rng)
 
     # assert: the output is centred on the sum, in float64
     assert noisy.shape == summed.shape
@@ -168,7 +168,8 @@ def test_gaussian_mechanism_with_zero_multiplier_returns_the_sum() -> None:
     summed = np.array([1.0, -2.0, 0.5])
 
     # execute
-    out = gaussian_mechanism(summed_scores=summed, noise_multiplier=0.0, rng=np.random.Generator(np.random.PCG64(0)))
+    rng = np.random.Generator(np.random.PCG64(0))
+    out = gaussian_mechanism(summed_scores=summed, noise_multiplier=0.0, sensitivity=1.0, rng=rng)
 
     # assert
     np.testing.assert_array_equal(out, summed)
@@ -178,7 +179,33 @@ def test_gaussian_mechanism_rejects_negative_multiplier() -> None:
     # execute / assert
     with pytest.raises(ValueError, match="noise_multiplier"):
         gaussian_mechanism(
-            summed_scores=np.zeros(3), noise_multiplier=-1.0, rng=np.random.Generator(np.random.PCG64(0))
+            summed_scores=np.zeros(3),
+            noise_multiplier=-1.0,
+            sensitivity=1.0,
+            rng=np.random.Generator(np.random.PCG64(0)),
+        )
+
+
+@pytest.mark.parametrize("sensitivity", [2.5, 0.1])
+def test_gaussian_mechanism_noise_std_scales_with_the_sensitivity(sensitivity: float) -> None:
+    # prepare
+    n, sigma = 200_000, 1.5
+    rng = np.random.Generator(np.random.PCG64(77))
+
+    # execute
+    noisy = gaussian_mechanism(summed_scores=np.zeros(n), noise_multiplier=sigma, sensitivity=sensitivity, rng=rng)
+
+    # assert: variance (σ·Δ)², in the same 1e-6 χ² interval as the sensitivity-1 test
+    low, high = chi2.ppf([1e-6, 1 - 1e-6], df=n - 1) * (sigma * sensitivity) ** 2 / (n - 1)
+    assert low <= noisy.var(ddof=1) <= high
+
+
+@pytest.mark.parametrize("sensitivity", [0.0, -1.0, float("inf"), float("nan")])
+def test_gaussian_mechanism_rejects_a_sensitivity_that_is_not_a_positive_number(sensitivity: float) -> None:
+    # execute / assert
+    with pytest.raises(ValueError, match="sensitivity"):
+        gaussian_mechanism(
+            summed_scores=np.zeros(3), noise_multiplier=1.0, sensitivity=sensitivity, rng=np.random.default_rng(0)
         )
 
 
@@ -402,6 +429,13 @@ def test_validate_node_sum_rejects_a_negative_user_count() -> None:
     # execute / assert
     with pytest.raises(InvalidReplyError, match="-1 users"):
         validate_node_sum(np.zeros(5), expected_len=5, num_users=-1)
+
+
+@pytest.mark.parametrize("num_users", [2.0, True, "3", None], ids=["float", "bool", "str", "none"])
+def test_validate_node_sum_rejects_a_user_count_that_is_not_an_int(num_users: object) -> None:
+    # execute / assert
+    with pytest.raises(InvalidReplyError, match="expected an int"):
+        validate_node_sum(np.zeros(5), expected_len=5, num_users=num_users)  # type: ignore[arg-type]
 
 
 def test_validate_node_sum_passes_an_honest_reply_through_as_float64() -> None:

@@ -119,7 +119,7 @@ def test_a_round_with_the_vllm_backend_trains_on_vllm_samples(
     fake_vllm: type[FakeLLM], monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, user_file: Path, tmp_path: Path
 ):
     # Prepare: a tiny run configured for vLLM (availability forced: this machine has no GPU)
-    monkeypatch.setattr("popri.rounds.vllm_unavailable_reason", lambda: None)
+    monkeypatch.setattr("popri.loop.vllm_unavailable_reason", lambda: None)
     flat = tiny_run_config(tiny_model_dir, user_file, tmp_path / "run", rounds=1, **{"final-samples": 0})
     run = PopriRun(config_from_flat({**flat, "generation-backend": "vllm"}), progress=False)
     k, j = run.config.generation.prompts, run.config.generation.samples_per_prompt

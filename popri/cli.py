@@ -159,7 +159,7 @@ def make_parser() -> argparse.ArgumentParser:
     priv.add_argument("--json", action="store_true", help="print one JSON object")
     priv.set_defaults(func=cmd_privacy)
 
-    for module in ("popri.audit", "benchmark.cli", "popri.deploy"):
+    for module in ("popri.audit", "benchmark.cli", "popri.deploy", "popri.generate", "popri.export"):
         try:
             __import__(module, fromlist=["add_subparser"]).add_subparser(sub)
         except ImportError as err:  # optional parts: a missing one must not break the others

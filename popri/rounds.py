@@ -23,10 +23,12 @@ from tqdm.auto import tqdm
 
 from popri import checkpoint as ckpt
 from popri.assets import generator_dir, load_generator
+from popri.card import PrivacyCard, write_synthetic_dataset
 from popri.config import ConfigError, RunConfig, config_to_flat, save_config
 from popri.data import load_user_data, split_users
 from popri.dpo import LoraDPO
 from popri.embedding import embed_texts, load_embedder
+from popri.export import write_generator
 from popri.generation import build_prompts, make_initial_set, sample_completions
 from popri.preferences import PreferencePair, build_pairs, random_pairs
 from popri.privacy import (
@@ -37,6 +39,7 @@ from popri.privacy import (
     make_noise_rng,
     validate_node_sum,
 )
+from popri.report import save_round_samples, write_report
 from popri.vllm_backend import VllmSampler, vllm_unavailable_reason
 
 logger = logging.getLogger(__name__)
@@ -403,6 +406,7 @@ class PopriRun:
             {"prompt": i // k, "text": s, **({"dp_score": float(dp_scores[i])} if dp_scores is not None else {})}
             for i, s in enumerate(samples)
         ]
+        save_round_samples(self.out, t, sample_rows)  # the report's first-round samples outlive checkpoint pruning
         files = {
             "prompts.json": json.dumps(prompts, ensure_ascii=False),
             "samples.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sample_rows),
@@ -504,6 +508,14 @@ class PopriRun:
             )
         self._write_progress_artifacts()
         plot_rounds(self.records, self.out / "rounds.png")
+        # What a user takes home: the generator (peft adapter), the corpus as a dataset, both with the privacy card.
+        card = PrivacyCard.from_run_dir(self.out)
+        base_path = generator_dir(c.generation.model, cache_dir=c.resolved_cache_dir())
+        write_generator(self.dpo, self.out, base_model=c.generation.model, base_path=base_path, card=card)
+        ckpt.atomic_write_json(self.out / "initial_set.json", self.initial_set)  # public: popri generate reuses it
+        if c.final_samples:
+            write_synthetic_dataset(texts, self.out / "synthetic", card=card)
+        write_report(self.out)
         logger.info("final corpus: %d samples in %.1fs -> %s", len(texts), time.perf_counter() - start, self.out)
 
 

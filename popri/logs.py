@@ -24,7 +24,7 @@ CONSOLE_NOISE = (
     "Tip: In future versions of Ray",  # Ray's accelerator-override notice
 )
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-_QUIET_LIBRARIES = ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers", "datasets", "alembic")
+_QUIET_LIBRARIES = ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers", "datasets")
 
 
 class ConsoleFilter(logging.Filter):
@@ -80,7 +80,6 @@ def setup_logging(verbose: bool = False) -> None:
     logging.captureWarnings(True)  # warnings.warn(...) -> the 'py.warnings' logger -> the filter and the file
     for noisy in _QUIET_LIBRARIES:
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.DEBUG if verbose else logging.WARNING)
     logging.getLogger("flwr").propagate = False  # Flower prints its own lines; do not print them twice
     if not verbose:
         # transformers' one-step "Loading weights" bars: one progress display for the run, popri's own

@@ -200,13 +200,13 @@ def card_table(card: PrivacyCard) -> list[str]:
     return ["| parameter | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
 
 
-def card_markdown(card: PrivacyCard, *, title: str, description: str = "", dataset: bool = True) -> str:
+def card_markdown(card: PrivacyCard, *, title: str, description: str = "") -> str:
     """A dataset card (README.md): a YAML header Hugging Face reads, then the guarantee in words and a table."""
     import yaml
 
+    # No `configs:` block: datasets 5.2 hashes its relative data_files, so two runs' folders of the same name would
+    # share one cache entry and load stale text; the standard data/train-* layout is detected without it.
     header: dict[str, Any] = {"pretty_name": title, "tags": ["synthetic", "differential-privacy", "popri"]}
-    if dataset:
-        header["configs"] = [{"config_name": "default", "data_files": [{"split": "train", "path": DATA_FILE}]}]
     header["privacy"] = card.to_dict()
     lines = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True).rstrip(), "---", "", f"# {title}", ""]
     if description:
@@ -227,11 +227,11 @@ def card_markdown(card: PrivacyCard, *, title: str, description: str = "", datas
     return "\n".join(lines) + "\n"
 
 
-def write_card(path: Path, card: PrivacyCard, *, title: str, description: str = "", dataset: bool = False) -> Path:
+def write_card(path: Path, card: PrivacyCard, *, title: str, description: str = "") -> Path:
     """Write the card as markdown to ``path`` (e.g. next to a corpus the benchmark or ``popri generate`` wrote)."""
     from popri.checkpoint import atomic_write_text
 
-    atomic_write_text(path, card_markdown(card, title=title, description=description, dataset=dataset))
+    atomic_write_text(path, card_markdown(card, title=title, description=description))
     return path
 
 

@@ -170,6 +170,9 @@ def export_merged(run_dir: Path, out: Path, *, cache_dir: Path | None = None) ->
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from popri.logs import route_transformers_logging
+
+    route_transformers_logging()
     try:
         cache_dir = Path(args.cache_dir) if args.cache_dir else None
         out = export_merged(Path(args.run), Path(args.merged), cache_dir=cache_dir)

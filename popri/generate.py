@@ -205,6 +205,9 @@ def generate_more(
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from popri.logs import route_transformers_logging
+
+    route_transformers_logging()
     try:
         added = generate_more(
             Path(args.run),

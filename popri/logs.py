@@ -86,6 +86,18 @@ def setup_logging(verbose: bool = False) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         if "transformers" in sys.modules:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "transformers" in sys.modules:
+        route_transformers_logging()
+
+
+def route_transformers_logging() -> None:
+    """transformers prints through its own stderr handler ("[transformers] ..."): send its records through the root
+    logger instead, so the console filter and the run's log file see them. Imports transformers' logging module
+    (~1 s), so entry points that load a model call it, not every command."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
 
 
 def attach_log_file(path: Path, *, loggers: tuple[str, ...] = ("",)) -> logging.Handler:

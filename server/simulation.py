@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from popri.config import RunConfig, config_to_flat
-from popri.logs import ConsoleFilter, attach_log_file, detach_log_file
+from popri.logs import ConsoleFilter, attach_log_file, detach_log_file, route_transformers_logging
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def run_simulation(config: RunConfig, *, resume: bool = False, progress: bool = 
     from server.app import make_server_app
 
     verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    route_transformers_logging()
     out = Path(config.output)
     log_file = attach_log_file(out / "run.log", loggers=("", "flwr"))
     console_filter = _quiet_flower_console(verbose)

@@ -240,3 +240,29 @@ def test_make_tracker_refuses_unknown_backends_and_says_what_to_install(tmp_path
         tracker.log(RECORD)
         tracker.close()
         assert any(Path(tmp_path / "tensorboard").iterdir())
+
+
+def test_transformers_own_handler_is_replaced_by_the_console_filter_and_the_file(clean_logging, capfd, tmp_path):
+    # Prepare
+    from transformers.utils import logging as hf_logging
+
+    from popri.logs import route_transformers_logging
+
+    setup_logging()
+    route_transformers_logging()
+    handler = attach_log_file(tmp_path / "run.log")
+
+    # Execute
+    try:
+        hf_logging.get_logger("transformers.utils.generic").warning("`past_key_values` are deprecated, use `cache`")
+        hf_logging.get_logger("transformers.modeling_utils").warning("some weights were not initialized")
+    finally:
+        detach_log_file(handler)
+        hf_logging.disable_propagation()
+        hf_logging.enable_default_handler()
+
+    # Assert
+    console, log = capfd.readouterr().err, (tmp_path / "run.log").read_text()
+    assert "past_key_values" not in console and "past_key_values" in log
+    assert "some weights were not initialized" in console
+    assert "[transformers]" not in console

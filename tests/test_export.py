@@ -176,3 +176,46 @@ def test_export_command_reports_a_broken_run_and_exits_2(tmp_path, caplog):
     # Assert
     assert rc == 2
     assert "generator: missing" in caplog.text
+
+
+def _with_manifest(run_dir: Path, tmp_path: Path, **changes: str) -> Path:
+    import shutil
+
+    run = tmp_path / "moved"
+    shutil.copytree(run_dir, run)
+    path = run / "generator" / "popri_generator.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return run
+
+
+def test_a_vanished_local_base_is_refused_with_what_to_do(run_dir, tmp_path):
+    # Prepare: the run came from another machine whose base folder is not here
+    gone = str(tmp_path / "elsewhere" / "my-model")
+    run = _with_manifest(run_dir, tmp_path, base_model=gone, base_model_path=gone)
+
+    # Execute / Assert
+    with pytest.raises(RunFolderError, match="is gone; copy it back"):
+        load_run_generator(run)
+
+
+def test_the_packaged_base_is_converted_again_when_the_cache_was_cleared(
+    run_dir, tmp_path, tiny_model_dir, monkeypatch
+):
+    # Prepare: the recorded cache folder is gone; the conversion (here a stand-in returning the tiny model) runs again
+    import popri.assets
+
+    asked: list[object] = []
+
+    def convert(model: str, *, cache_dir: Path | None = None) -> Path:
+        asked.append((model, cache_dir))
+        return tiny_model_dir
+
+    monkeypatch.setattr(popri.assets, "generator_dir", convert)
+    run = _with_manifest(run_dir, tmp_path, base_model="smollm2", base_model_path=str(tmp_path / "cleared-cache"))
+
+    # Execute
+    model, _ = load_run_generator(run, cache_dir=tmp_path / "cache")
+
+    # Assert
+    assert asked == [("smollm2", tmp_path / "cache")]
+    assert model.peft_config["default"].r == 16

@@ -271,10 +271,12 @@ class PopriRun:
                     f"round {t + 1} would spend epsilon={would_be:.4f} > target {c.privacy.epsilon}"
                 )
 
+        self._stage("generate")
         start = time.perf_counter()
         prompts, samples = self._generate(g.prompts, g.samples_per_prompt, f"round {t + 1} generate")
         timings["generate"] = time.perf_counter() - start
 
+        self._stage("embed")
         start = time.perf_counter()
         embeddings = embed_texts(self.embedder, samples)
         timings["embed"] = time.perf_counter() - start
@@ -303,6 +305,7 @@ class PopriRun:
             )
             record["privacy/epsilon"] = self.ledger.epsilon()
 
+        self._stage("dpo")
         start = time.perf_counter()
         metrics = self.dpo.train_round(pairs, rng=self.train_rng, progress=self.progress)
         timings["dpo"] = time.perf_counter() - start
@@ -317,6 +320,12 @@ class PopriRun:
         record["seconds"] = {k: round(v, 3) for k, v in timings.items()}
         return record
 
+    def _stage(self, name: str) -> None:
+        """Show the round's current stage beside the rounds bar (its own bar, if any, shows its progress)."""
+        bar = getattr(self, "_rounds_bar", None)
+        if bar is not None:
+            bar.set_postfix_str(name)
+
     def _charge(self) -> float:
         """Charge one release and write the journal, before the noisy result exists: a crash from here on can only
         over-count, never under-count, the privacy spent."""
@@ -329,6 +338,7 @@ class PopriRun:
     ) -> np.ndarray | None:
         """Central mode: each node's clipped sum, validated and re-clipped here, summed, then noised once."""
         p = self.config.privacy
+        self._stage("collect: nodes scoring")
         start = time.perf_counter()
         replies = collect(embeddings, t, p.sample_rate)
         timings["collect"] = time.perf_counter() - start
@@ -360,6 +370,7 @@ class PopriRun:
         """
         p = self.config.privacy
         charged: list[float] = []
+        self._stage("collect: secure aggregation")
         start = time.perf_counter()
         result = collect(embeddings, t, p.sample_rate, lambda: charged.append(self._charge()))
         timings["collect"] = time.perf_counter() - start
@@ -456,6 +467,7 @@ class PopriRun:
             " (CONTROL: random pairs, no private data)" if c.control else "",
         )
         bar = tqdm(range(self.start_round, c.rounds), desc="rounds", disable=not self.progress, unit="round")
+        self._rounds_bar = bar
         for t in bar:
             try:
                 record = self.run_round(t, collect)

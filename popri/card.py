@@ -44,6 +44,24 @@ def popri_version() -> str:
         return "unknown (not installed)"
 
 
+def popri_commit() -> str | None:
+    """The git commit of the popri source in use, when it runs from a checkout (results are dated by commit)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
 @dataclass(frozen=True)
 class PrivacyCard:
     """What a reader of a synthetic corpus needs to know about its differential-privacy guarantee.
@@ -66,6 +84,7 @@ class PrivacyCard:
     control: bool = False
     date: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"))
     popri_version: str = field(default_factory=popri_version)
+    popri_commit: str | None = field(default_factory=popri_commit)
     non_private: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -196,6 +215,7 @@ def card_table(card: PrivacyCard) -> list[str]:
         ("generator", card.generator),
         ("date", card.date),
         ("popri version", card.popri_version),
+        ("popri commit", card.popri_commit or "unknown (not a git checkout)"),
     ]
     return ["| parameter | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
 

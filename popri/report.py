@@ -131,7 +131,8 @@ def report_markdown(run_dir: Path, *, samples: int = SIDE_BY_SIDE) -> str:
     except CardError as err:
         card, lines = None, [*lines, f"*No privacy card: {err}*", ""]
     if card is not None:
-        lines += [f"{card.date}, popri {card.popri_version}, generator `{card.generator}`.", ""]
+        commit = f" (commit {card.popri_commit})" if card.popri_commit else ""
+        lines += [f"{card.date}, popri {card.popri_version}{commit}, generator `{card.generator}`.", ""]
     if config:
         lines += [
             f"K={config.get('prompts')} prompts × J={config.get('samples-per-prompt')} samples per round, "

@@ -1,14 +1,17 @@
 """Run POPri on Flower's simulation engine (Ray) in this process: what ``popri run`` does.
 
 Why ``flwr.simulation.run_simulation``, which Flower 1.42 marks deprecated ("use flwr run"): in flwr 1.42.0 it is
-the only public API that runs a ServerApp and ClientApps in the calling process. ``flwr run`` is the supported path
-for a Flower *project*: it packages a folder holding ``pyproject.toml`` with ``[tool.flwr.app]`` into a FAB, starts
-a managed local SuperLink and a SuperExec, installs the app's dependencies with ``uv sync`` unless told not to, and
-passes settings only as strings through ``--run-config``. ``popri run`` is an installed console script that must
-work from any directory and offline, with a validated :class:`popri.config.RunConfig` handed to the apps as Python
-objects, and report a ServerApp failure as its own exit status; ``flwr run`` can do none of these from a wheel.
-``flwr run .`` in a checkout stays supported for the project itself (``[tool.flwr.app]`` in pyproject.toml).
-Flower's deprecation notice is kept out of the console (it is in ``DIR/run.log``); nothing else is silenced.
+the only public API that runs a ServerApp and ClientApps in the calling process (``run_simulation_process``, the
+other public entry, is the ``flwr-simulation`` process that needs a running SuperLink). ``flwr run`` is the
+supported path for a Flower *project*: it packages a folder holding ``pyproject.toml`` with ``[tool.flwr.app]`` into
+a FAB, starts a managed local SuperLink and a SuperExec, installs the app's dependencies with ``uv sync`` unless
+told not to, and passes settings only as strings through ``--run-config``. ``popri run`` is an installed console
+script that must work from any directory and offline, with a validated :class:`popri.config.RunConfig` handed to the
+apps as Python objects, and report a ServerApp failure as its own exit status; ``flwr run`` can do none of these
+from a wheel. ``flwr run .`` in a checkout stays supported for the project itself (``[tool.flwr.app]`` in
+pyproject.toml).
+Flower's deprecation notice is kept out of the console (it stays in ``DIR/run.log``; the other console rules are in
+:mod:`popri.logs`).
 
 Console: Ray's actor output is not forwarded to this terminal (``log_to_driver`` off) so it cannot break the
 progress display; it stays in Ray's session logs (``/tmp/ray/session_latest/logs``). ``-v`` forwards it again.

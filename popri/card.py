@@ -155,8 +155,8 @@ class PrivacyCard:
             del out["non_private"]
         return out
 
-    def guarantee(self) -> str:
-        """One paragraph in words: what is protected, how, and its limits."""
+    def guarantee(self, subject: str = "This corpus") -> str:
+        """One paragraph in words: what is protected, how, and its limits (``subject``: what the card is about)."""
         if self.control:
             return (
                 "CONTROL run: the preference pairs were random and no private data was read, so there is no "
@@ -168,14 +168,14 @@ class PrivacyCard:
             else "the server added the noise to the sum of the nodes' clipped replies"
         )
         text = (
-            f"This corpus is ({self.epsilon:.4g}, {self.delta:.3g})-differentially private at the user level: "
+            f"{subject} is ({self.epsilon:.4g}, {self.delta:.3g})-differentially private at the user level: "
             f"adding or removing all the data of one user (one (device, user id) pair) changes the probability of "
             f"any output by at most a factor e^{self.epsilon:.4g}, up to δ={self.delta:.3g}. Private data reached "
             f"the generator only through {self.rounds} round(s) of the Gaussian mechanism on the sum of per-user "
             f"score vectors clipped to L2 norm <= 1 (sensitivity 1), noise multiplier σ={self.noise_multiplier:.4g}, "
             f"users sampled with rate q={self.sample_rate:g} ({'all users' if self.sample_rate == 1 else 'Poisson'}"
             f"); {noise_by}. ε is from Opacus' {self.accountant.upper()} accountant. Everything after the mechanism "
-            "(preference pairs, DPO, sampling this corpus) is post-processing and costs no privacy."
+            "(preference pairs, DPO, sampling from the generator) is post-processing and costs no privacy."
         )
         if self.noise_seeded:
             text += (
@@ -220,7 +220,7 @@ def card_table(card: PrivacyCard) -> list[str]:
     return ["| parameter | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
 
 
-def card_markdown(card: PrivacyCard, *, title: str, description: str = "") -> str:
+def card_markdown(card: PrivacyCard, *, title: str, description: str = "", subject: str = "This corpus") -> str:
     """A dataset card (README.md): a YAML header Hugging Face reads, then the guarantee in words and a table."""
     import yaml
 
@@ -231,7 +231,7 @@ def card_markdown(card: PrivacyCard, *, title: str, description: str = "") -> st
     lines = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True).rstrip(), "---", "", f"# {title}", ""]
     if description:
         lines += [description, ""]
-    lines += ["## Privacy guarantee", "", card.guarantee(), "", *card_table(card)]
+    lines += ["## Privacy guarantee", "", card.guarantee(subject), "", *card_table(card)]
     if card.non_private:
         lines += [
             "",
@@ -247,11 +247,13 @@ def card_markdown(card: PrivacyCard, *, title: str, description: str = "") -> st
     return "\n".join(lines) + "\n"
 
 
-def write_card(path: Path, card: PrivacyCard, *, title: str, description: str = "") -> Path:
+def write_card(
+    path: Path, card: PrivacyCard, *, title: str, description: str = "", subject: str = "This corpus"
+) -> Path:
     """Write the card as markdown to ``path`` (e.g. next to a corpus the benchmark or ``popri generate`` wrote)."""
     from popri.checkpoint import atomic_write_text
 
-    atomic_write_text(path, card_markdown(card, title=title, description=description))
+    atomic_write_text(path, card_markdown(card, title=title, description=description, subject=subject))
     return path
 
 

@@ -73,7 +73,7 @@ def write_generator(dpo: Any, out_dir: Path, *, base_model: str, base_path: Path
         if card is not None:
             from popri.card import write_card
 
-            write_card(tmp / CARD, card, title="POPri generator (LoRA adapter)")
+            write_card(tmp / CARD, card, title="POPri generator (LoRA adapter)", subject="This generator")
             shutil.copyfile(tmp / CARD, tmp / "README.md")  # in place of peft's empty model-card template
         if target.exists():
             shutil.rmtree(target)

@@ -143,7 +143,7 @@ def report_markdown(run_dir: Path, *, samples: int = SIDE_BY_SIDE) -> str:
     if (run_dir / "rounds.png").exists():
         lines += ["![per-round curves](rounds.png)", ""]
     if card is not None:
-        lines += ["## Privacy", "", card.guarantee(), ""]
+        lines += ["## Privacy", "", card.guarantee("This run's output (generator and corpus)"), ""]
         lines += [*card_table(card), ""]
         if card.non_private:
             lines += [

@@ -266,3 +266,40 @@ def test_transformers_own_handler_is_replaced_by_the_console_filter_and_the_file
     assert "past_key_values" not in console and "past_key_values" in log
     assert "some weights were not initialized" in console
     assert "[transformers]" not in console
+
+
+@pytest.mark.slow
+def test_popri_run_on_ray_keeps_third_party_noise_off_the_console(tiny_model_dir, user_file, tmp_path):
+    # Prepare: the real command, tiny settings, its own process (Ray, Flower and transformers configure logging)
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    sets = {
+        "model": tiny_model_dir,
+        "rejected-rank": 1,
+        "max-new-tokens": 8,
+        "initial-set-size": 4,
+        "min-text-chars": 5,
+        "cache-dir": tmp_path / "cache",
+    }
+    command = [sys.executable, "-m", "popri.cli", "run", "--output", str(out), "--data", str(user_file)]
+    command += ["--rounds", "1", "--prompts", "2", "--samples-per-prompt", "2", "--final-samples", "2"]
+    for key, value in sets.items():
+        command += ["--set", f"{key}={value}"]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+
+    # Execute
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
+
+    # Assert
+    assert done.returncode == 0, done.stderr[-3000:]
+    console, log = done.stdout + done.stderr, (out / "run.log").read_text()
+    noises = ("DEPRECATED FEATURE", "Tip: In future versions of Ray", "is_gradient_checkpointing", "[transformers]")
+    for noise in noises:
+        assert noise not in console, noise
+    assert "ClientAppActor" not in console  # Ray's actor output is not forwarded
+    assert "DEPRECATED FEATURE" in log
+    assert "round 1/1" in console and "round 1/1" in log
+    assert (out / "report.md").exists()

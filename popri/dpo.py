@@ -290,7 +290,7 @@ class LoraDPO:
                 ref[i] = (float(logps[k]), float(logps[len(idx) + k]))
         history: list[dict[str, float]] = []
         total = self.config.epochs * ((len(tokenized) + bs - 1) // bs)
-        with tqdm(total=total, desc="dpo", disable=not progress, unit="step", leave=False) as bar:
+        with tqdm(total=total, desc="dpo", disable=not progress or total <= 1, unit="step", leave=False) as bar:
             for _ in range(self.config.epochs):
                 order = rng.permutation(len(tokenized))
                 for start in range(0, len(order), bs):

@@ -166,7 +166,15 @@ def sample_completions(
     """K·J cleaned completions, the J samples of prompt k at positions k·J .. k·J+J−1."""
     samples: list[str] = []
     batches = range(0, len(prompts), batch_size)
-    for start in tqdm(batches, desc=desc, disable=not progress, unit="batch", leave=False):
+    # Progress in samples; a single batch gets no bar (it would jump from 0 to done in one step).
+    bar = tqdm(
+        total=len(prompts) * samples_per_prompt,
+        desc=desc,
+        disable=not progress or len(batches) <= 1,
+        unit="sample",
+        leave=False,
+    )
+    for start in batches:
         raw = _sample_batch(
             model,
             tokenizer,
@@ -179,6 +187,8 @@ def sample_completions(
             autocast=autocast,
         )
         samples += [clean_completion(t) for t in raw]
+        bar.update(len(raw))
+    bar.close()
     return truncate_tokens(samples, tokenizer, token_budget)
 
 

@@ -25,12 +25,15 @@ from tqdm.auto import tqdm
 from popri import artifacts
 from popri import checkpoint as ckpt
 from popri.assets import generator_dir, load_generator
+from popri.card import PrivacyCard, write_synthetic_dataset
 from popri.config import ConfigError, RunConfig
 from popri.data import load_user_data, split_users
+from popri.export import write_generator
 from popri.generation import build_prompts, make_initial_set, sample_completions
 from popri.preferences import PreferencePair, build_pairs, random_pairs
 from popri.privacy import BudgetExceededError
 from popri.release import CentralRelease, Collect, Release, ReleaseStrategy, SecureCollect, SecureRelease
+from popri.report import save_round_samples, write_report
 from popri.run_state import RunFolder, RunState
 from popri.vllm_backend import VllmSampler, vllm_unavailable_reason
 
@@ -165,6 +168,7 @@ class PopriRun:
             self.folder.close()
             raise
         self.stop_reason: str | None = None
+        self._rounds_bar: Any = None  # the rounds progress bar while run() is going
 
     def close(self) -> None:
         """Release the run folder's lock."""
@@ -277,10 +281,12 @@ class PopriRun:
                     f"round {t + 1} would spend epsilon={would_be:.4f} > target {c.privacy.epsilon}"
                 )
 
+        self._stage("generate")
         start = time.perf_counter()
         prompts, samples = self._generate(g.prompts, g.samples_per_prompt, f"round {t + 1} generate")
         timings["generate"] = time.perf_counter() - start
 
+        self._stage("embed")
         start = time.perf_counter()
         embeddings = self.parts.embed(samples)
         timings["embed"] = time.perf_counter() - start
@@ -293,6 +299,7 @@ class PopriRun:
             )
             record.update({"replies": 0, "rejected_replies": 0, "control": True})
         else:
+            self._stage("collect: nodes scoring")
             result: Release = self._strategy(release).release(embeddings, t)
             timings.update(result.seconds)
             record.update({"replies": result.replies, "rejected_replies": result.rejected})
@@ -310,6 +317,7 @@ class PopriRun:
             )
             record["privacy/epsilon"] = state.ledger.epsilon()
 
+        self._stage("dpo")
         start = time.perf_counter()
         metrics = self.parts.trainer.train_round(pairs, rng=state.train_rng, progress=self.progress)
         timings["dpo"] = time.perf_counter() - start
@@ -323,6 +331,11 @@ class PopriRun:
         timings["checkpoint"] = time.perf_counter() - start
         record["seconds"] = {k: round(v, 3) for k, v in timings.items()}
         return record
+
+    def _stage(self, name: str) -> None:
+        """Show the round's current stage beside the rounds bar (the stage's own bar, if any, shows its progress)."""
+        if self._rounds_bar is not None:
+            self._rounds_bar.set_postfix_str(name)
 
     def _checkpoint(
         self,
@@ -341,6 +354,7 @@ class PopriRun:
             {"prompt": i // k, "text": s, **({"dp_score": float(dp_scores[i])} if dp_scores is not None else {})}
             for i, s in enumerate(samples)
         ]
+        save_round_samples(self.out, t, sample_rows)  # the report's first-round samples outlive checkpoint pruning
         files = {
             "prompts.json": json.dumps(prompts, ensure_ascii=False),
             "samples.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sample_rows),
@@ -376,6 +390,7 @@ class PopriRun:
             " (CONTROL: random pairs, no private data)" if c.control else "",
         )
         bar = tqdm(total=c.rounds, initial=self.start_round, desc="rounds", disable=not self.progress, unit="round")
+        self._rounds_bar = bar
         discarded_in_a_row = 0
         while (t := self.state.rounds_done) < c.rounds:
             try:
@@ -428,6 +443,7 @@ class PopriRun:
                 extra,
             )
         bar.close()
+        self._rounds_bar = None
         self.finish()
         return self.privacy_summary()
 
@@ -444,4 +460,13 @@ class PopriRun:
             artifacts.write_diagnostics(self.out, self.state.records, final=mean, final_se=se, control=c.control)
         self._write_progress_artifacts()
         artifacts.plot_rounds(self.state.records, self.out / "rounds.png")
+        # What a user takes home: the generator (a peft adapter) and the corpus as a dataset, each with its card.
+        card = PrivacyCard.from_run_dir(self.out)
+        if self.parts.dpo is not None:
+            base_path = generator_dir(c.generation.model, cache_dir=c.resolved_cache_dir())
+            write_generator(self.parts.dpo, self.out, base_model=c.generation.model, base_path=base_path, card=card)
+        ckpt.atomic_write_json(self.out / "initial_set.json", self.parts.initial_set)  # public: popri generate uses it
+        if texts:
+            write_synthetic_dataset(texts, self.out / "synthetic", card=card)
+        write_report(self.out)
         logger.info("final corpus: %d samples in %.1fs -> %s", len(texts), time.perf_counter() - start, self.out)

@@ -32,6 +32,8 @@ COMMANDS: dict[str, Command] = {
     "run": Command("popri.cli.run", "run POPri on Flower's simulation engine"),
     "privacy": Command("popri.cli.privacy", "noise multiplier <-> epsilon calculator (RDP or PRV accountant)"),
     "config": Command("popri.cli.config", "list every config key with its type, default and help"),
+    "generate": Command("popri.generate", "more synthetic text from a finished run's generator (no privacy cost)"),
+    "export": Command("popri.export", "write a finished run's generator as a merged transformers folder"),
     "audit": Command("popri.audit", "empirical lower bound on epsilon of popri's DP mechanism (canary game)"),
     "bench": Command("benchmark.cli", "LargeFedBench: next-token accuracy at a privacy budget for POPri and baselines"),
     "deploy": Command("deploy.cli", "real deployment: certificates, keys, SuperLink, SuperNodes, runs (Flower)"),

@@ -44,7 +44,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64), b.astype(np.float64)
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    covmean = linalg.sqrtm(cov_a @ cov_b)
     if not np.all(np.isfinite(covmean)):
         offset = 1e-6 * np.eye(cov_a.shape[0])
         covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))

@@ -348,10 +348,11 @@ def preset_config(name: str, **overrides: Any) -> BenchConfig:
                     max_users=60,
                     validation_fraction=0.15,
                     test_fraction=0.15,
-                    max_validation_texts=100,
+                    max_validation_texts=60,
                     max_test_texts=200,
                 ),
             ),
+            # validation dominates training at this size (49k-token output layer): few, small validations
             downstream=DownstreamConfig(
                 n_embd=32,
                 n_layer=1,
@@ -360,14 +361,14 @@ def preset_config(name: str, **overrides: Any) -> BenchConfig:
                 batch_size=16,
                 pretrain_epochs=8,
                 epochs=4,
-                max_steps=60,
-                eval_every=4,
+                max_steps=40,
+                eval_every=10,
             ),
             corpus=CorpusConfig(
                 samples=16, public_samples=16, max_new_tokens=20, initial_set_size=8, generation_batch_size=16
             ),
             dpfedavg=DPFedAvgConfig(rounds=2, sample_rate=0.5, local_steps=1, num_nodes=2),
-            pe=PEConfig(rounds=1, population=12, keep=4),
+            pe=PEConfig(rounds=1, population=8, keep=4),
             popri=PopriMethodConfig(
                 settings=(("rounds", 1), ("prompts", 4), ("samples-per-prompt", 3), ("rejected-rank", 1)),
             ),

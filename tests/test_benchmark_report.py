@@ -219,3 +219,29 @@ def test_downstream_kind_is_checked() -> None:
     args = _parser().parse_args(["bench", "--set", "downstream.kind=pretrained-lora", "--set", "downstream.lora-r=8"])
     config = cli.config_from_args(args)
     assert config.downstream.kind == "pretrained-lora" and config.downstream.lora_r == 8
+
+
+def _replicate(seed: int, texts: list[str], samples: int) -> object:
+    from types import SimpleNamespace
+
+    train = SimpleNamespace(texts=texts)
+    return SimpleNamespace(
+        seed=seed,
+        prepared=SimpleNamespace(splits=SimpleNamespace(train=train)),
+        bench=SimpleNamespace(config=SimpleNamespace(corpus=SimpleNamespace(samples=samples))),
+    )
+
+
+def test_oracle_draws_n_distinct_real_texts_per_seed() -> None:
+    # Prepare: 50 private train texts, corpus size 10.
+    texts = [f"private text {i}" for i in range(50)]
+
+    # Execute
+    first = REGISTRY["oracle"].run(_replicate(0, texts, 10), epsilon=math.inf)  # type: ignore[arg-type]
+    again = REGISTRY["oracle"].run(_replicate(0, texts, 10), epsilon=math.inf)  # type: ignore[arg-type]
+    other = REGISTRY["oracle"].run(_replicate(1, texts, 10), epsilon=math.inf)  # type: ignore[arg-type]
+
+    # Assert: N distinct real texts, the same draw for the same seed, a new draw for a new seed, labelled non-private.
+    assert first.corpus is not None and len(set(first.corpus)) == 10 and set(first.corpus) <= set(texts)
+    assert first.corpus == again.corpus and first.corpus != other.corpus
+    assert first.row["non_private"] is True and math.isinf(first.epsilon_spent)

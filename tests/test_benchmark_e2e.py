@@ -125,6 +125,32 @@ def test_every_method_end_to_end_on_tiny_models(tiny_model_dir: Path, tmp_path: 
     assert rerun == {key: row["wall_seconds"] for key, row in all_rows.items()}
 
 
+def test_pretrained_lora_downstream_end_to_end_on_tiny_models(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare: the tiny generator is also the "public pretrained" downstream; DP-FedAvg trains its adapter.
+    base = _tiny_config(tiny_model_dir, tmp_path)
+    config = dataclasses.replace(
+        base,  # type: ignore[type-var]
+        methods=("eps0", "epsinf", "dpfedavg"),
+        seeds=1,
+        downstream=DownstreamConfig(
+            kind="pretrained-lora", lora_r=2, batch_size=16, pretrain_epochs=1, epochs=1, eval_every=10
+        ),
+    )
+
+    # Execute
+    results = run_benchmark(config)
+
+    # Assert: every row scored; only the adapter trains, and DP-FedAvg sends exactly it.
+    ds = results["datasets"]["shakespeare"]
+    assert ds["downstream_kind"] == "pretrained-lora"
+    assert 0 < ds["downstream_trainable_parameters"] < ds["downstream_parameters"]
+    rows = {r["method"]: r for r in ds["results"]}
+    assert set(rows) == {"eps0", "epsinf", "dpfedavg"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows.values())
+    sent = rows["dpfedavg"]["bytes_down_per_client_round"]  # float32 payload plus Flower's per-array metadata
+    assert 4 * ds["downstream_trainable_parameters"] <= sent < 4 * ds["downstream_parameters"]
+
+
 def test_public_corpus_resumes_where_it_stopped(tiny_model_dir: Path, tmp_path: Path) -> None:
     # Prepare: the tiny generator, and a run "interrupted" after 2 chunks of 2 samples.
     from benchmark.corpus import Generator, generate_corpus_resumable, read_seconds

@@ -36,6 +36,14 @@ METHOD_LABELS = {
     "pe": "PE",
     "popri": "POPri",
 }
+SHORT_LABELS = {
+    "eps0": "ε=0",
+    "epsinf": "ε=∞",
+    "oracle": "oracle",
+    "dpfedavg": "DP-FedAvg",
+    "pe": "PE",
+    "popri": "POPri",
+}
 PRIVATE = ("dpfedavg", "pe", "popri")
 REFERENCES = ("eps0", "epsinf", "oracle")
 # paired comparisons between the private methods at the same ε (a − b); each method − eps0 is added to them
@@ -148,7 +156,7 @@ def compare(
         "seeds": seeds,
         "diff_mean": 100 * diff,
         "diff_ci95": [100 * ci[0], 100 * ci[1]],
-        "reading": verdict(METHOD_LABELS.get(a, a), METHOD_LABELS.get(b, b), ci),
+        "reading": verdict(SHORT_LABELS.get(a, a), SHORT_LABELS.get(b, b), ci),
     }
 
 
@@ -306,8 +314,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             for c in comps:
                 lines.append(
                     "| {} − {} | {} | {} | {:+.2f} | [{:+.2f}, {:+.2f}] | {} |".format(
-                        METHOD_LABELS.get(c["a"], c["a"]),
-                        METHOD_LABELS.get(c["b"], c["b"]),
+                        SHORT_LABELS.get(c["a"], c["a"]),
+                        SHORT_LABELS.get(c["b"], c["b"]),
                         _eps_label(c["epsilon"]),
                         len(c.get("seeds", [])),
                         c["diff_mean"],

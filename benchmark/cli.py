@@ -70,6 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accountant", choices=("rdp", "prv"), default=None, help="Opacus accountant (default rdp)")
     parser.add_argument("--seed", type=int, default=None, help="seed for splits, sampling and training (default 0)")
     parser.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="replicates per row, seeds SEED..SEED+N-1 shared by every method (default: preset's, 3; quick 2)",
+    )
+    parser.add_argument(
         "--noise-seed",
         type=int,
         default=None,
@@ -89,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="any other setting, e.g. dpfedavg.rounds=10, pe.population=128, downstream.epochs=8, data.max-users=200",
+        help="any other setting, e.g. dpfedavg.rounds=10, pe.population=128, downstream.kind=pretrained-lora, "
+        "data.max-users=200; popri.KEY takes any popri run key (popri.beta=0.1, popri.rounds=4)",
     )
     parser.add_argument("--resume", action="store_true", help="keep the rows already in OUTPUT/results.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -132,7 +139,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "progress": not args.no_progress,
         "resume": args.resume,
     }
-    for key in ("delta", "accountant", "seed", "noise_seed"):
+    for key in ("delta", "accountant", "seed", "seeds", "noise_seed"):
         if getattr(args, key) is not None:
             top[key] = getattr(args, key)
     if args.cache_dir is not None:

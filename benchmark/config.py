@@ -12,10 +12,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS: tuple[str, ...] = ("eps0", "epsinf", "dpfedavg", "pe", "popri")
+METHODS: tuple[str, ...] = ("eps0", "epsinf", "oracle", "dpfedavg", "pe", "popri")
 PRIVATE_METHODS: tuple[str, ...] = ("dpfedavg", "pe", "popri")
 NAMED_DATASETS: tuple[str, ...] = ("shakespeare", "congress", "biorxiv", "pubmed")
 PRESETS: tuple[str, ...] = ("quick", "default", "paper")
+DOWNSTREAM_KINDS: tuple[str, ...] = ("gpt2", "pretrained-lora")
+# popri run keys the benchmark sets itself from its shared settings (so every method sees the same data and budget);
+# each maps to the benchmark key that sets it.
+POPRI_MANAGED_KEYS: dict[str, str] = {
+    "data": "dataset / data.*",
+    "max-users": "data.max-users",
+    "validation-fraction": "data.validation-fraction",
+    "min-text-chars": "data.min-text-chars",
+    "token-budget": "data.token-budget",
+    "model": "corpus.generator",
+    "max-new-tokens": "corpus.max-new-tokens",
+    "initial-set-size": "corpus.initial-set-size",
+    "initial-instruction": "corpus.instruction",
+    "generation-batch-size": "corpus.generation-batch-size",
+    "final-samples": "corpus.samples",
+    "epsilon": "--epsilons",
+    "delta": "delta",
+    "accountant": "accountant",
+    "seed": "seed / --seeds",
+    "noise-seed": "noise-seed",
+    "output": "--output",
+    "cache-dir": "cache-dir",
+}
 
 
 class BenchConfigError(ValueError):
@@ -70,8 +93,18 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class DownstreamConfig:
-    """The small GPT-2-style causal LM every method trains, and the one training recipe they all share."""
+    """The downstream LM every method trains, and the one training recipe they all share.
 
+    ``kind``: ``gpt2`` builds a small GPT-2 from scratch (``n-embd``, ``n-layer``, ``n-head``); ``pretrained-lora``
+    fine-tunes a LoRA adapter (``lora-r``, ``lora-alpha``; ``dropout`` is the adapter's dropout) on the public
+    pretrained generator's weights (SmolLM2-135M by default, offline), as the paper fine-tunes a pretrained small LM.
+    """
+
+    kind: str = field(
+        default="gpt2", metadata={"help": "'gpt2' (from scratch) or 'pretrained-lora' (public LM + LoRA)"}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (kind pretrained-lora)"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (kind pretrained-lora)"})
     n_embd: int = field(default=64, metadata={"help": "hidden size (the tied token embedding dominates the size)"})
     n_layer: int = field(default=2, metadata={"help": "transformer blocks"})
     n_head: int = field(default=2, metadata={"help": "attention heads"})
@@ -86,6 +119,13 @@ class DownstreamConfig:
     eval_batch_size: int = field(default=64, metadata={"help": "texts per evaluation batch"})
 
     def __post_init__(self) -> None:
+        _check(
+            self.kind in DOWNSTREAM_KINDS,
+            "downstream.kind",
+            f"use one of {', '.join(DOWNSTREAM_KINDS)}, got {self.kind!r}",
+        )
+        _check(self.lora_r >= 1, "downstream.lora-r", f"must be >= 1, got {self.lora_r}")
+        _check(self.lora_alpha >= 1, "downstream.lora-alpha", f"must be >= 1, got {self.lora_alpha}")
         for key in ("n_embd", "n_layer", "n_head", "batch_size", "pretrain_epochs", "epochs", "eval_every"):
             _check(getattr(self, key) >= 1, f"downstream.{key.replace('_', '-')}", "must be >= 1")
         _check(self.n_embd % self.n_head == 0, "downstream.n-head", f"must divide n-embd ({self.n_embd})")
@@ -165,38 +205,68 @@ class PEConfig:
 
 @dataclass(frozen=True)
 class PopriMethodConfig:
-    """The POPri run. Generator, sampling lengths, initial set, token budget, corpus size, δ and the accountant come
-    from the shared settings so that POPri, PE and eps0 differ only in how they use the private data; any other
-    popri config key can be set through ``extra``."""
+    """The POPri run: popri's own run schema (``popri.config``), not a copy of it.
 
-    rounds: int = field(default=6, metadata={"help": "T, POPri rounds"})
-    prompts: int = field(default=32, metadata={"help": "K, prompts (= preference pairs) per round"})
-    samples_per_prompt: int = field(default=4, metadata={"help": "J, samples per prompt"})
-    rejected_rank: int = field(default=2, metadata={"help": "rank (0 = best) of the rejected sample"})
-    num_nodes: int = field(default=2, metadata={"help": "Flower nodes in the POPri simulation"})
+    ``settings`` holds any popri run key (``popri.config.known_keys()``) as (kebab-key, value) pairs, set on the
+    command line as ``--set popri.<key>=VALUE`` and validated through ``popri.config.config_from_flat`` (so errors
+    name the key). The keys the benchmark shares across methods (data, generator, sampling lengths, initial set,
+    corpus size, ε, δ, accountant, seed: :data:`POPRI_MANAGED_KEYS`) are set by the benchmark and refused here.
+    Everything not set takes popri's own default.
+    """
+
     backend: str = field(
         default="inprocess",
         metadata={"help": "'inprocess' (popri's ServerApp/ClientApp over an in-process grid) or 'simulation' (Ray)"},
     )
-    extra: tuple[tuple[str, Any], ...] = field(
-        default=(), metadata={"help": "more popri config keys as (kebab-key, value) pairs"}
+    settings: tuple[tuple[str, Any], ...] = field(
+        default=(), metadata={"help": "popri run keys as (kebab-key, value) pairs, e.g. (('rounds', 6),)"}
     )
 
     def __post_init__(self) -> None:
-        _check(self.rounds >= 1, "popri.rounds", f"must be >= 1, got {self.rounds}")
-        _check(self.prompts >= 1, "popri.prompts", f"must be >= 1, got {self.prompts}")
-        _check(self.samples_per_prompt >= 2, "popri.samples-per-prompt", "must be >= 2")
-        _check(
-            1 <= self.rejected_rank < self.samples_per_prompt,
-            "popri.rejected-rank",
-            f"must be in [1, samples-per-prompt), got {self.rejected_rank}",
-        )
-        _check(self.num_nodes >= 1, "popri.num-nodes", f"must be >= 1, got {self.num_nodes}")
         _check(
             self.backend in ("inprocess", "simulation"),
             "popri.backend",
             f"use 'inprocess' or 'simulation', got {self.backend!r}",
         )
+        from popri.config import known_keys
+
+        keys = [k for k, _ in self.settings]
+        _check(len(set(keys)) == len(keys), "popri", f"a key is set twice: {keys}")
+        known = set(known_keys())
+        for key in keys:
+            _check(key in known, f"popri.{key}", f"not a popri run key; known keys: {', '.join(known_keys())}")
+            _check(
+                key not in POPRI_MANAGED_KEYS,
+                f"popri.{key}",
+                f"the benchmark sets it for every method; use '{POPRI_MANAGED_KEYS.get(key)}' instead",
+            )
+        self.run_config()  # values and combinations checked now, before any model is loaded
+
+    def run_config(self, shared: dict[str, Any] | None = None) -> Any:
+        """popri's ``RunConfig`` from ``settings`` on top of ``shared`` (the benchmark's keys), popri defaults else."""
+        from popri.config import ConfigError, config_from_flat
+
+        try:
+            return config_from_flat({**(shared or {}), **dict(self.settings)})
+        except (ConfigError, ValueError) as err:
+            text = str(err).replace("config key '", "config key 'popri.")
+            raise BenchConfigError(f"invalid benchmark key (POPri run schema): {text}") from None
+
+    @property
+    def rounds(self) -> int:
+        return int(self.run_config().rounds)
+
+    @property
+    def prompts(self) -> int:
+        return int(self.run_config().generation.prompts)
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return int(self.run_config().generation.samples_per_prompt)
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.run_config().num_nodes)
 
 
 @dataclass(frozen=True)
@@ -215,6 +285,8 @@ class BenchConfig:
     delta: float = 3e-6
     accountant: str = "rdp"
     seed: int = 0
+    seeds: int = 3
+    bootstrap_resamples: int = 2000
     noise_seed: int | None = None
     output: str = "runs/bench"
     cache_dir: str = ""
@@ -233,6 +305,8 @@ class BenchConfig:
         _check(len(self.epsilons) >= 1 or not set(self.methods) & set(PRIVATE_METHODS), "epsilons", "give at least one")
         for eps in self.epsilons:
             _check(math.isfinite(eps) and eps > 0, "epsilons", f"each must be finite and > 0, got {eps}")
+        _check(self.seeds >= 1, "seeds", f"must be >= 1, got {self.seeds}")
+        _check(self.bootstrap_resamples >= 100, "bootstrap-resamples", "must be >= 100")
         _check(0 < self.delta < 1, "delta", f"must be in (0, 1), got {self.delta}")
         _check(self.accountant in ("rdp", "prv"), "accountant", f"use 'rdp' or 'prv', got {self.accountant!r}")
         _check(bool(self.output), "output", "give an output folder")
@@ -250,8 +324,12 @@ class BenchConfig:
         out["datasets"] = [dataclasses.asdict(d) for d in self.datasets]
         out["methods"] = list(self.methods)
         out["epsilons"] = list(self.epsilons)
-        out["popri"]["extra"] = dict(self.popri.extra)
+        out["popri"] = {"backend": self.popri.backend, "settings": dict(self.popri.settings)}
         return out
+
+    def seed_values(self) -> list[int]:
+        """The seeds of the replicates: ``seed, seed + 1, ...`` (``seeds`` of them), shared by every method (paired)."""
+        return [self.seed + i for i in range(self.seeds)]
 
 
 def preset_config(name: str, **overrides: Any) -> BenchConfig:
@@ -270,10 +348,11 @@ def preset_config(name: str, **overrides: Any) -> BenchConfig:
                     max_users=60,
                     validation_fraction=0.15,
                     test_fraction=0.15,
-                    max_validation_texts=100,
+                    max_validation_texts=60,
                     max_test_texts=200,
                 ),
             ),
+            # validation dominates training at this size (49k-token output layer): few, small validations
             downstream=DownstreamConfig(
                 n_embd=32,
                 n_layer=1,
@@ -282,20 +361,18 @@ def preset_config(name: str, **overrides: Any) -> BenchConfig:
                 batch_size=16,
                 pretrain_epochs=8,
                 epochs=4,
-                max_steps=60,
-                eval_every=4,
+                max_steps=40,
+                eval_every=10,
             ),
             corpus=CorpusConfig(
                 samples=16, public_samples=16, max_new_tokens=20, initial_set_size=8, generation_batch_size=16
             ),
             dpfedavg=DPFedAvgConfig(rounds=2, sample_rate=0.5, local_steps=1, num_nodes=2),
-            pe=PEConfig(rounds=1, population=12, keep=4),
+            pe=PEConfig(rounds=1, population=8, keep=4),
             popri=PopriMethodConfig(
-                rounds=1,
-                prompts=4,
-                samples_per_prompt=3,
-                rejected_rank=1,
+                settings=(("rounds", 1), ("prompts", 4), ("samples-per-prompt", 3), ("rejected-rank", 1)),
             ),
+            seeds=2,
         )
     elif name == "default":
         base = BenchConfig(preset="default")
@@ -316,11 +393,13 @@ def preset_config(name: str, **overrides: Any) -> BenchConfig:
             dpfedavg=DPFedAvgConfig(rounds=100, sample_rate=0.1, num_nodes=16),
             pe=PEConfig(rounds=20, population=18_000, keep=1800),
             popri=PopriMethodConfig(
-                rounds=20,
-                prompts=1800,
-                samples_per_prompt=10,
-                rejected_rank=4,
-                num_nodes=16,
+                settings=(
+                    ("rounds", 20),
+                    ("prompts", 1800),
+                    ("samples-per-prompt", 10),
+                    ("rejected-rank", 4),
+                    ("num-nodes", 16),
+                ),
             ),
         )
     return dataclasses.replace(base, **overrides) if overrides else base
@@ -349,15 +428,36 @@ def _coerce(key: str, raw: str, current: Any) -> Any:
         ) from None
 
 
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """``["KEY=VALUE", ...]`` as an ordered dict (a later assignment of the same key wins); errors name the item.
+
+    A local stand-in for the one KEY=VALUE parser of ``popri.config`` (``parse_assignments``), same contract.
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise BenchConfigError(f"invalid benchmark key '{item}': use KEY=VALUE, e.g. dpfedavg.rounds=10")
+        out[key.strip()] = raw
+    return out
+
+
+def _with_popri_key(config: BenchConfig, key: str, raw: str) -> BenchConfig:
+    """``popri.<key>=raw``: ``backend`` is the benchmark's; any other key is a popri run key (validated by popri)."""
+    if key.replace("-", "_") == "backend":
+        return dataclasses.replace(config, popri=dataclasses.replace(config.popri, backend=raw))
+    run_key = key.replace("_", "-")
+    settings = (*((k, v) for k, v in config.popri.settings if k != run_key), (run_key, raw))
+    return dataclasses.replace(config, popri=dataclasses.replace(config.popri, settings=settings))
+
+
 def apply_overrides(config: BenchConfig, assignments: list[str]) -> BenchConfig:
     """``section.key=value`` assignments (kebab or snake case), e.g. ``dpfedavg.rounds=10``, ``data.max-users=200``.
 
-    ``data.*`` applies to every selected data set; top-level keys (``delta=1e-5``) have no section.
+    ``data.*`` applies to every selected data set; ``popri.*`` takes any popri run key (``popri.beta=0.1``) and
+    ``popri.backend``; top-level keys (``delta=1e-5``, ``seeds=5``) have no section.
     """
-    for assignment in assignments:
-        key, sep, raw = assignment.partition("=")
-        if not sep:
-            raise BenchConfigError(f"invalid benchmark key '{assignment}': use KEY=VALUE, e.g. dpfedavg.rounds=10")
+    for key, raw in parse_assignments(assignments).items():
         section, dot, name = key.rpartition(".")
         attr = name.replace("-", "_")
         if dot and section not in _SECTIONS:
@@ -369,14 +469,25 @@ def apply_overrides(config: BenchConfig, assignments: list[str]) -> BenchConfig:
                 dataclasses.replace(d, **{attr: _coerce(key, raw, getattr(d, attr))}) for d in config.datasets
             )
             config = dataclasses.replace(config, datasets=specs)
+        elif section == "popri":
+            config = _with_popri_key(config, name, raw)
         elif section:
             part = getattr(config, section)
-            if attr not in {f.name for f in dataclasses.fields(part)} or attr == "extra":
+            if attr not in {f.name for f in dataclasses.fields(part)}:
                 raise BenchConfigError(f"invalid benchmark key '{key}': unknown field")
             new = dataclasses.replace(part, **{attr: _coerce(key, raw, getattr(part, attr))})
             config = dataclasses.replace(config, **{section: new})
         else:
-            simple = {"delta", "accountant", "seed", "noise_seed", "output", "cache_dir"}
+            simple = {
+                "delta",
+                "accountant",
+                "seed",
+                "seeds",
+                "bootstrap_resamples",
+                "noise_seed",
+                "output",
+                "cache_dir",
+            }
             if attr not in simple:
                 raise BenchConfigError(f"invalid benchmark key '{key}': top-level keys are {', '.join(sorted(simple))}")
             config = dataclasses.replace(config, **{attr: _coerce(key, raw, getattr(config, attr))})

@@ -20,10 +20,9 @@ padding positions would waste it.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +108,49 @@ def build_model(config: DownstreamConfig, special: SpecialIds, *, max_positions:
         return GPT2LMHeadModel(gpt2)
 
 
+def with_lora(pretrained: Any, config: DownstreamConfig, *, seed: int) -> Any:
+    """The ``pretrained`` causal LM (a copy is the caller's job) with a fresh, seeded LoRA adapter on every linear
+    projection of its blocks (PEFT ``all-linear``: attention and MLP, not the output layer); only the adapter trains.
+
+    This is the downstream of the POPri paper's evaluation in spirit (it fine-tunes a *pretrained* small LM) and how
+    DP federated learning of pretrained models is done today (only the adapter is trained, clipped and sent).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    pretrained.train()
+    with seeded_torch(torch.Generator().manual_seed(seed)):  # the adapter's random init
+        return get_peft_model(pretrained, lora)
+
+
+def build_downstream(
+    config: DownstreamConfig,
+    special: SpecialIds,
+    *,
+    max_positions: int,
+    seed: int,
+    pretrained: Callable[[], Any] | None = None,
+) -> Any:
+    """The downstream model of ``config.kind``: ``gpt2`` (from scratch, :func:`build_model`) or ``pretrained-lora``
+    (``pretrained()`` returns a fresh copy of the public pretrained LM; it gets a LoRA adapter, :func:`with_lora`)."""
+    if config.kind == "gpt2":
+        return build_model(config, special, max_positions=max_positions, seed=seed)
+    if pretrained is None:
+        raise ValueError("downstream.kind 'pretrained-lora' needs the public pretrained model (pretrained=...)")
+    return with_lora(pretrained(), config, seed=seed)
+
+
+def trainable_parameters(model: Any) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every parameter that trains (all of them for GPT-2, the adapter for LoRA)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
 @contextlib.contextmanager
 def seeded_torch(generator: torch.Generator) -> Iterator[None]:
     """Run a block (dropout, init) on torch's global RNG seeded from ``generator``, and restore the global state after:
@@ -124,50 +166,99 @@ def num_parameters(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _target_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (N, V) at the N target positions of the batch, and the (N,) targets (on the model's device)."""
+def _body_and_head(model: Any) -> tuple[Any, Any]:
+    """The transformer body (no LM head) and the output layer of any HF causal LM, PEFT-wrapped or not."""
+    backbone = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefix = getattr(backbone, "base_model_prefix", "transformer")  # HF models name their body; GPT-2: transformer
+    head = backbone.get_output_embeddings() if hasattr(backbone, "get_output_embeddings") else backbone.lm_head
+    return getattr(backbone, prefix), head
+
+
+def _target_logits(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits (N, V) at the N target positions of the batch, the (N,) targets, and the (N,) batch row of each."""
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
-    hidden = model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, d)
+    body, head = _body_and_head(model)
+    hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, d)
     keep = target_mask(mask)  # (B, L-1)
-    return model.lm_head(hidden[:, :-1][keep]), ids[:, 1:][keep]
+    rows = keep.nonzero()[:, 0]
+    return head(hidden[:, :-1][keep]), ids[:, 1:][keep], rows
 
 
 def sequence_loss(model: Any, sequences: list[list[int]], *, pad: int) -> torch.Tensor:
     """Mean next-token cross-entropy over the targets of ``sequences`` (the training loss)."""
     ids, mask = collate(sequences, pad=pad)
-    logits, targets = _target_logits(model, ids, mask)
-    return F.cross_entropy(logits, targets)
+    logits, targets, _ = _target_logits(model, ids, mask)
+    return F.cross_entropy(logits.float(), targets)
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Micro-averaged top-1 next-token accuracy and cross-entropy (nats/token) over ``tokens`` targets."""
+    """Micro-averaged top-1 next-token accuracy and cross-entropy (nats/token) over ``tokens`` targets.
+
+    With ``groups`` given to :func:`evaluate`, ``group_correct[g]`` / ``group_tokens[g]`` are the counts of group g
+    (a test user): what the paired bootstrap over test users resamples (:mod:`benchmark.stats`).
+    """
 
     accuracy: float
     cross_entropy: float
     tokens: int
+    group_correct: tuple[int, ...] | None = None
+    group_tokens: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, float | int]:
         return {"accuracy": self.accuracy, "cross_entropy": self.cross_entropy, "tokens": self.tokens}
 
 
 @torch.no_grad()
-def evaluate(model: Any, sequences: list[list[int]], *, pad: int, batch_size: int = 64) -> EvalResult:
-    """Next-token accuracy and cross-entropy of ``model`` on encoded ``sequences`` (eval mode, no dropout)."""
+def evaluate(
+    model: Any,
+    sequences: list[list[int]],
+    *,
+    pad: int,
+    batch_size: int = 64,
+    groups: Sequence[int] | None = None,
+) -> EvalResult:
+    """Next-token accuracy and cross-entropy of ``model`` on encoded ``sequences`` (eval mode, no dropout).
+
+    ``groups[i]`` (optional, ints 0..G−1) is the group of sequence i, e.g. its test user: the result then also holds
+    per-group correct and target counts (``group_correct``, ``group_tokens``, G entries each).
+    """
+    if groups is not None and len(groups) != len(sequences):
+        raise ValueError(f"groups has {len(groups)} entries for {len(sequences)} sequences")
+    num_groups = (max(groups) + 1) if groups is not None and len(groups) else 0
+    g_correct, g_tokens = [0] * num_groups, [0] * num_groups
     was_training = model.training
     model.eval()
     correct, nll, total = 0, 0.0, 0
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths: less padding
     for start in range(0, len(order), batch_size):
-        batch = [sequences[i] for i in order[start : start + batch_size]]
-        ids, mask = collate(batch, pad=pad)
-        c, n, t = next_token_counts(*_target_logits(model, ids, mask))
+        index = order[start : start + batch_size]
+        ids, mask = collate([sequences[i] for i in index], pad=pad)
+        logits, targets, rows = _target_logits(model, ids, mask)
+        c, n, t = next_token_counts(logits, targets)
         correct, nll, total = correct + c, nll + n, total + t
+        if groups is not None and t:
+            hit = (logits.argmax(dim=-1) == targets).long()
+            per_row_correct = torch.zeros(len(index), dtype=torch.long, device=hit.device).index_add_(0, rows, hit)
+            per_row_tokens = torch.bincount(rows, minlength=len(index))
+            for j, i in enumerate(index):
+                g_correct[groups[i]] += int(per_row_correct[j])
+                g_tokens[groups[i]] += int(per_row_tokens[j])
     model.train(was_training)
     if total == 0:
         raise ValueError("no target tokens to evaluate")
-    return EvalResult(accuracy=correct / total, cross_entropy=nll / total, tokens=total)
+    if groups is None:
+        return EvalResult(accuracy=correct / total, cross_entropy=nll / total, tokens=total)
+    return EvalResult(
+        accuracy=correct / total,
+        cross_entropy=nll / total,
+        tokens=total,
+        group_correct=tuple(g_correct),
+        group_tokens=tuple(g_tokens),
+    )
 
 
 @dataclass
@@ -210,7 +301,8 @@ def train(
     total = epochs * steps_per_epoch
     if config.max_steps:
         total = min(total, config.max_steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    trainable = trainable_parameters(model)
+    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=config.learning_rate, weight_decay=config.weight_decay)
     model.train()
     best: EvalResult | None = None
     best_state: dict[str, torch.Tensor] = {}
@@ -237,11 +329,14 @@ def train(
                         on_eval(step, result)
                     if _better(result, best):
                         best, best_step = result, step
-                        best_state = copy.deepcopy(model.state_dict())
+                        # only what trains can differ from the start (LoRA: the adapter, not 135 M weights)
+                        best_state = {n: p.detach().clone() for n, p in trainable}
                 if step == total:
                     break
     bar.close()
     assert best is not None  # total >= 1 and the last step always validates
-    model.load_state_dict(best_state)
+    with torch.no_grad():
+        for name, param in trainable:
+            param.copy_(best_state[name])
     logger.info("%s: selected step %d of %d (validation accuracy %.4f)", desc, best_step, total, best.accuracy)
     return TrainResult(selected_step=best_step, selected_validation=best, steps=total, history=history)

@@ -49,7 +49,7 @@ from flwr.serverapp.strategy import FedAvg
 from tqdm.auto import tqdm
 
 from benchmark.config import DPFedAvgConfig
-from benchmark.downstream import seeded_torch, sequence_loss
+from benchmark.downstream import seeded_torch, sequence_loss, trainable_parameters
 from popri.data import partition_users
 from popri.privacy import PrivacyLedger, calibrate_noise, poisson_sample
 from server.grid import InProcessGrid
@@ -66,12 +66,13 @@ METRICS = "metrics"
 
 
 def model_arrays(model: torch.nn.Module) -> ArrayRecord:
-    """The trainable parameters as an ArrayRecord (tied weights appear once, under their first name)."""
-    return ArrayRecord({name: Array(p.detach().cpu().numpy().copy()) for name, p in model.named_parameters()})
+    """The trainable parameters as an ArrayRecord (tied weights appear once, under their first name). For a LoRA
+    downstream these are the adapter's only: the frozen pretrained weights are public and never sent."""
+    return ArrayRecord({name: Array(p.detach().cpu().numpy().copy()) for name, p in trainable_parameters(model)})
 
 
 def load_arrays(model: torch.nn.Module, arrays: ArrayRecord) -> None:
-    params = dict(model.named_parameters())
+    params = dict(trainable_parameters(model))
     if set(arrays.keys()) != set(params):
         raise ValueError(f"arrays hold {sorted(arrays.keys())[:3]}..., the model expects {sorted(params)[:3]}...")
     with torch.no_grad():
@@ -115,9 +116,10 @@ def local_update(
 ) -> list[np.ndarray]:
     """``θ_u − θ``: ``local_steps`` SGD steps from θ on one user's texts (batches cycle through a seeded shuffle)."""
     load_arrays(model, global_arrays)
-    names = [n for n, _ in model.named_parameters()]
+    trainable = trainable_parameters(model)
+    names = [n for n, _ in trainable]
     start = [global_arrays[n].numpy() for n in names]
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
+    optimizer = torch.optim.SGD([p for _, p in trainable], lr=learning_rate)
     model.train()
     order: list[int] = []
     with seeded_torch(generator):  # dropout draws only from ``generator``
@@ -129,7 +131,7 @@ def local_update(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    params = dict(model.named_parameters())
+    params = dict(trainable)
     return [params[n].detach().cpu().numpy() - s for n, s in zip(names, start, strict=True)]
 
 

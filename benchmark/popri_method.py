@@ -29,38 +29,43 @@ BACKENDS = ("inprocess", "simulation")
 
 
 def popri_flat_config(
-    bench: BenchConfig, spec: DataSpec, *, epsilon: float, train_file: Path, output: Path, instruction: str
+    bench: BenchConfig,
+    spec: DataSpec,
+    *,
+    epsilon: float,
+    seed: int,
+    noise_seed: int | None,
+    train_file: Path,
+    output: Path,
+    instruction: str,
 ) -> dict[str, Any]:
-    """popri's flat (kebab-case) config for one ε."""
+    """popri's flat (kebab-case) config for one ε and one seed: the benchmark's shared keys
+    (:data:`benchmark.config.POPRI_MANAGED_KEYS`) and then the method's own ``bench.popri.settings``."""
     flat: dict[str, Any] = {
         "data": str(train_file),
         "validation-fraction": 0.0,  # the file is the private train split: every user in it takes part
         "min-text-chars": 1,  # already filtered and truncated by the benchmark
         "max-users": 0,
         "model": bench.corpus.generator,
-        "prompts": bench.popri.prompts,
-        "samples-per-prompt": bench.popri.samples_per_prompt,
-        "rejected-rank": bench.popri.rejected_rank,
         "max-new-tokens": bench.corpus.max_new_tokens,
         "token-budget": spec.token_budget,
         "initial-set-size": bench.corpus.initial_set_size,
         "initial-instruction": instruction,
         "generation-batch-size": bench.corpus.generation_batch_size,
         "final-samples": bench.corpus.samples,
-        "rounds": bench.popri.rounds,
         "epsilon": epsilon,
         "delta": bench.delta,
         "sample-rate": 1.0,
         "accountant": bench.accountant,
-        "seed": bench.seed,
-        "num-nodes": bench.popri.num_nodes,
+        "seed": seed,
         "output": str(output),
     }
     if bench.cache_dir:
         flat["cache-dir"] = bench.cache_dir
-    if bench.noise_seed is not None:
-        flat["noise-seed"] = bench.noise_seed
-    flat.update(dict(bench.popri.extra))
+    if noise_seed is not None:
+        flat["noise-seed"] = noise_seed
+    flat.update(dict(bench.popri.settings))
+    bench.popri.run_config(flat)  # validated against popri's schema (errors name the key)
     return flat
 
 
@@ -103,6 +108,7 @@ class PopriResult:
     bytes_up_per_client_round: int
     seconds: float
     output: Path
+    sample_rate: float = 1.0
 
 
 def client_bytes_per_round(*, prompts: int, samples_per_prompt: int, embedding_dim: int) -> tuple[int, int]:
@@ -120,6 +126,8 @@ def run_popri_method(
     spec: DataSpec,
     *,
     epsilon: float,
+    seed: int,
+    noise_seed: int | None,
     train_file: Path,
     output: Path,
     instruction: str,
@@ -136,7 +144,14 @@ def run_popri_method(
         raise ValueError(f"unknown popri backend {backend!r}; use {', '.join(BACKENDS)}")
     start = time.time()
     flat = popri_flat_config(
-        bench, spec, epsilon=epsilon, train_file=train_file, output=output, instruction=instruction
+        bench,
+        spec,
+        epsilon=epsilon,
+        seed=seed,
+        noise_seed=noise_seed,
+        train_file=train_file,
+        output=output,
+        instruction=instruction,
     )
     logger.info("POPri run at epsilon=%g -> %s (%s)", epsilon, output, backend)
     if backend == "inprocess":
@@ -153,8 +168,25 @@ def run_popri_method(
         epsilon=float(privacy["epsilon"]),
         noise_multiplier=privacy.get("noise_multiplier"),
         rounds=int(privacy.get("rounds_completed", bench.popri.rounds)),
+        sample_rate=float(flat["sample-rate"]),
         bytes_down_per_client_round=down,
         bytes_up_per_client_round=up,
         seconds=time.time() - start,
         output=output,
     )
+
+
+def round_samples(output: Path) -> dict[int, list[str]]:
+    """The samples of every POPri round whose checkpoint is still in ``output/checkpoints`` (popri keeps the newest
+    few): round number (1-based) -> texts. For benchmark diagnostics only (their metrics read private test text)."""
+    from popri.checkpoint import CHECKPOINT_PREFIX
+
+    out: dict[int, list[str]] = {}
+    folder = output / "checkpoints"
+    if not folder.is_dir():
+        return out
+    for ckpt in sorted(folder.iterdir()):
+        samples = ckpt / "samples.jsonl"
+        if ckpt.name.startswith(CHECKPOINT_PREFIX) and (ckpt / "meta.json").exists() and samples.exists():
+            out[int(ckpt.name[len(CHECKPOINT_PREFIX) :]) + 1] = read_corpus(samples)  # folders count from 0
+    return out

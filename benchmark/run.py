@@ -1,19 +1,20 @@
-"""LargeFedBench driver: every selected method at every ε on every selected data set, one table at the end.
+"""LargeFedBench driver: every selected method at every ε on every selected data set and seed, one table at the end.
 
-Per data set:
+Per data set (the splits are drawn once, from ``seed``), and per replicate seed s (``seeds`` of them, shared by
+every method: a paired design):
 
 1. load, truncate and split by users (:mod:`benchmark.datasets`);
-2. the untuned generator writes a public corpus from the public initial set; a fresh downstream model trains on its
-   first part: the *public base model*, the starting point of every method (the paper's C4-pretrained DistilGPT2
-   plays this role);
-3. every method trains a copy of the base model with the same recipe (:func:`benchmark.downstream.train`):
-   ``eps0`` on the rest of the public corpus (as many samples as PE's and POPri's corpora: the ε = 0 reference, i.e.
-   the same pipeline with no private feedback), ``epsinf`` on the private train texts themselves, ``pe`` and
-   ``popri`` on their synthetic corpora, ``dpfedavg`` federated on Flower;
-4. each model is scored once on test, at the checkpoint its validation accuracy selected.
+2. the untuned generator writes a public corpus from the public initial set (seed s); a fresh downstream model
+   (initialised from s) trains on its first part: the *public base model*, the starting point of every method (the
+   paper's C4-pretrained DistilGPT2 plays this role);
+3. every method of :data:`benchmark.methods.REGISTRY` returns a corpus (the driver trains a copy of the base model on
+   it with the same recipe, :func:`benchmark.downstream.train`) or a trained model (DP-FedAvg);
+4. each model is scored once on test, at the checkpoint its validation accuracy selected, with per-test-user counts
+   (for the paired bootstrap of :mod:`benchmark.stats`), and every generated corpus gets its distribution metrics
+   against the test users' texts (:mod:`benchmark.distribution`; non-private diagnostics).
 
 Rows are written to ``results.json``/``results.md``/``privacy_utility.png`` as they finish; with ``resume`` a row
-already in ``results.json`` (same data set, method and ε) is not run again.
+already in ``results.json`` (same data set, method, ε and seed) is not run again.
 """
 
 from __future__ import annotations
@@ -32,25 +33,18 @@ from tqdm.auto import tqdm
 
 from benchmark import report
 from benchmark.config import BenchConfig, DataSpec
-from benchmark.corpus import (
-    Generator,
-    generate_corpus_resumable,
-    initial_set,
-    read_corpus,
-    read_seconds,
-    write_corpus,
-    write_seconds,
-)
-from benchmark.datasets import Splits, default_instruction, load_splits, write_user_jsonl
+from benchmark.corpus import Generator, generate_corpus_resumable, initial_set, read_corpus, read_seconds
+from benchmark.datasets import Splits, default_instruction, load_splits
 from benchmark.downstream import (
-    EvalResult,
     SpecialIds,
-    build_model,
+    build_downstream,
     encode_texts,
     evaluate,
     num_parameters,
     train,
+    trainable_parameters,
 )
+from benchmark.methods import REGISTRY, MethodOutput
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +86,7 @@ class Assets:
 
 @dataclass
 class Prepared:
-    """One data set, encoded for the downstream model, and the eps0 model every method starts from."""
+    """One data set, encoded for the downstream model (shared by every seed)."""
 
     spec: DataSpec
     splits: Splits
@@ -100,10 +94,27 @@ class Prepared:
     user_sequences: list[list[list[int]]]
     validation: list[list[int]]
     test: list[list[int]]
+    test_groups: list[int]  # the test user of every test sequence (0..users-1), for per-user counts
     folder: Path
     instruction: str
-    base_model: Any = None  # the public-only starting point of every method
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Replicate:
+    """One seed of one data set: the public base model and eps0's public corpus drawn with that seed."""
+
+    bench: Benchmark
+    prepared: Prepared
+    seed: int
+    folder: Path
+    base_model: Any = None
+    public_finetune: list[str] = field(default_factory=list)
+    base_seconds: float = 0.0
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
 class Benchmark:
@@ -124,19 +135,35 @@ class Benchmark:
                 "preset": config.preset,
                 "delta": config.delta,
                 "accountant": config.accountant,
+                "seeds": config.seed_values(),
                 "config": config.to_dict(),
                 "environment": report.environment(),
             }
         )
+
+    # -- randomness ------------------------------------------------------------------------------------------------
+
+    def noise_seed_for(self, method: str, epsilon: float, seed: int) -> int | None:
+        """The reproducible noise seed of one row, or None (then noise comes from a CSPRNG). Derived per (method, ε,
+        seed), so a row's noise does not depend on which other rows ran before it."""
+        if self.config.noise_seed is None:
+            return None
+        eps = -1 if math.isinf(epsilon) else round(epsilon * 1000)
+        return _derived_seed(self.config.noise_seed, seed, list(REGISTRY).index(method), eps)
+
+    def rngs(self, method: str, epsilon: float, seed: int) -> tuple[np.random.Generator, np.random.Generator, bool]:
+        """(noise rng, user-sampling rng, seeded?) of one row. User sampling must be as unpredictable as the noise
+        (amplification by sampling needs a secret sample), or as reproducible, when asked for."""
         from popri.privacy import make_noise_rng
 
-        self.noise_rng, self.noise_seeded = make_noise_rng(config.noise_seed)
-        # DP-FedAvg's user sampling must be as unpredictable as the noise (or as reproducible, when asked for).
-        self.sampling_rng, _ = make_noise_rng(None if config.noise_seed is None else config.noise_seed + 7919)
+        noise_seed = self.noise_seed_for(method, epsilon, seed)
+        noise_rng, seeded = make_noise_rng(noise_seed)
+        sampling_rng, _ = make_noise_rng(None if noise_seed is None else _derived_seed(noise_seed, 7919))
+        return noise_rng, sampling_rng, seeded
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
-    def _gen(self, prep: Prepared) -> Generator:
+    def generator_for(self, prep: Prepared) -> Generator:
         model, tokenizer = self.assets.generator
         return Generator(
             model=model,
@@ -147,82 +174,80 @@ class Benchmark:
             cache_dir=self.config.resolved_cache_dir(),
         )
 
+    def initial(self, rep: Replicate) -> list[str]:
+        """The public initial set of this seed (POPri's run with the same seed derives the same one)."""
+        return initial_set(self.generator_for(rep.prepared), seed=rep.seed, progress=self.config.progress)
+
+    def embedding_dim(self) -> int:
+        return embedding_dimension(self.assets.embedder)
+
     def _rows(self, name: str) -> list[dict[str, Any]]:
         return self.results["datasets"].setdefault(name, {}).setdefault("results", [])
 
-    def _done(self, name: str, method: str, epsilon: float) -> dict[str, Any] | None:
+    def _done(self, name: str, method: str, epsilon: float, seed: int) -> dict[str, Any] | None:
         for row in self._rows(name):
-            if row["method"] == method and report.as_float(row["epsilon"]) == epsilon:
+            same = row["method"] == method and report.as_float(row["epsilon"]) == epsilon
+            if same and int(row.get("seed", self.config.seed)) == seed:
                 return row
         return None
 
     def _record(self, name: str, row: dict[str, Any]) -> None:
         rows = self._rows(name)
-        rows[:] = [r for r in rows if not (r["method"] == row["method"] and r["epsilon"] == row["epsilon"])]
+        key = (row["method"], row["epsilon"], row["seed"])
+        rows[:] = [r for r in rows if (r["method"], r["epsilon"], r.get("seed", self.config.seed)) != key]
         rows.append(row)
         report.write_all(self.out, self.results)
         logger.info(
-            "%s %s eps=%s: test accuracy %.4f, cross-entropy %.4f (%.0fs)",
+            "%s %s eps=%s seed=%d: test accuracy %.4f, cross-entropy %.4f (%.0fs)",
             name,
             row["method"],
             row["epsilon"],
+            row["seed"],
             row["accuracy"],
             row["cross_entropy"],
             row["wall_seconds"],
         )
 
-    def _model_factory(self, prep: Prepared) -> Any:
+    def _model_factory(self, prep: Prepared, seed: int) -> Any:
+        """A fresh downstream model of ``downstream.kind``, initialised from ``seed``."""
         from popri.assets import best_device
 
-        d = self.config.downstream
-        model = build_model(d, prep.special, max_positions=prep.spec.token_budget + 2, seed=self.config.seed)
+        model = build_downstream(
+            self.config.downstream,
+            prep.special,
+            max_positions=prep.spec.token_budget + 2,
+            seed=seed,
+            pretrained=lambda: copy.deepcopy(self.assets.generator[0]),
+        )
         return model.to(best_device())
 
-    def _finetune(self, prep: Prepared, texts: list[str], desc: str) -> tuple[Any, Any]:
-        """A copy of the public base model trained on ``texts`` with the shared recipe; returns (model, result)."""
-        model = copy.deepcopy(prep.base_model)
-        sequences = encode_texts(
-            texts, self.assets.tokenizer, token_budget=prep.spec.token_budget, special=prep.special
-        )
+    def _encode(self, prep: Prepared, texts: list[str]) -> list[list[int]]:
+        return encode_texts(texts, self.assets.tokenizer, token_budget=prep.spec.token_budget, special=prep.special)
+
+    def _finetune(self, rep: Replicate, texts: list[str], desc: str) -> tuple[Any, Any]:
+        """A copy of the seed's public base model trained on ``texts`` with the shared recipe: (model, result)."""
+        model = copy.deepcopy(rep.base_model)
         result = train(
             model,
-            sequences,
-            prep.validation,
+            self._encode(rep.prepared, texts),
+            rep.prepared.validation,
             config=self.config.downstream,
             epochs=self.config.downstream.epochs,
-            pad=prep.special.pad,
-            generator=torch.Generator().manual_seed(self.config.seed),
+            pad=rep.prepared.special.pad,
+            generator=torch.Generator().manual_seed(rep.seed),
             progress=self.config.progress,
             desc=desc,
         )
         return model, result
 
-    def _row(
-        self,
-        prep: Prepared,
-        *,
-        method: str,
-        epsilon: float,
-        model: Any,
-        validation: EvalResult,
-        selected: str,
-        start: float,
-        **extra: Any,
-    ) -> dict[str, Any]:
-        test = evaluate(model, prep.test, pad=prep.special.pad, batch_size=self.config.downstream.eval_batch_size)
-        return {
-            "method": method,
-            "epsilon": epsilon,
-            "accuracy": test.accuracy,
-            "cross_entropy": test.cross_entropy,
-            "test_tokens": test.tokens,
-            "validation_accuracy": validation.accuracy,
-            "validation_cross_entropy": validation.cross_entropy,
-            "selected": selected,
-            "delta": None if method in ("eps0", "epsinf") else self.config.delta,
-            "wall_seconds": time.time() - start,
-            **extra,
-        }
+    def _test(self, prep: Prepared, model: Any) -> Any:
+        return evaluate(
+            model,
+            prep.test,
+            pad=prep.special.pad,
+            batch_size=self.config.downstream.eval_batch_size,
+            groups=prep.test_groups,
+        )
 
     # -- data ----------------------------------------------------------------------------------------------------
 
@@ -239,6 +264,7 @@ class Benchmark:
             user_sequences=user_sequences,
             validation=encode_texts(splits.validation.texts, tok, **enc),
             test=encode_texts(splits.test.texts, tok, **enc),
+            test_groups=[int(u) for u in splits.test.owner],
             folder=self.out / splits.name,
             instruction=self.config.corpus.instruction or default_instruction(spec.dataset),
         )
@@ -246,157 +272,7 @@ class Benchmark:
         ds["splits"] = splits.summary()
         return prep
 
-    # -- methods -------------------------------------------------------------------------------------------------
-
-    def _public_corpus(self, prep: Prepared) -> tuple[list[str], list[str], float]:
-        """Samples of the untuned generator from the public initial set: (pretraining part, eps0 fine-tuning part,
-        seconds it took to write them, also when a resumed run reuses them)."""
-        path = prep.folder / "public.jsonl"
-        n_base, n_ft = self.config.corpus.public_samples, self.config.corpus.samples
-        corpus = read_corpus(path) if self.config.resume and path.exists() else []
-        if len(corpus) == n_base + n_ft:
-            return corpus[:n_base], corpus[n_base:], read_seconds(path)
-        if not self.config.resume:  # a fresh run never continues an earlier partial corpus
-            for stale in (path.with_name(path.name + ".partial"), path.with_name(path.name + ".partial.seconds.json")):
-                stale.unlink(missing_ok=True)
-        gen = self._gen(prep)
-        before = read_seconds(path.with_name(path.name + ".partial"))
-        corpus = generate_corpus_resumable(
-            gen,
-            initial_set(gen, seed=self.config.seed, progress=self.config.progress),
-            count=n_base + n_ft,
-            seed=self.config.seed + 10,
-            path=path,
-            progress=self.config.progress,
-            desc="public corpus",
-        )
-        return corpus[:n_base], corpus[n_base:], before  # earlier invocations' share; this one is on the clock
-
-    def run_eps0(self, prep: Prepared) -> None:
-        """The public base model (everyone's starting point) and the ε=0 reference.
-
-        base = a fresh model trained on ``public_samples`` samples of the untuned generator (the role of the paper's
-        C4-pretrained DistilGPT2). eps0 = the base trained further, with the same recipe as PE and POPri, on another
-        ``samples`` samples of the untuned generator: POPri or PE with no private feedback. Comparing the methods
-        with this control credits them only for what the private data adds, not for seeing more generator text.
-        """
-        name, start = prep.splits.name, time.time()
-        base_path = prep.folder / "base_model.pt"
-        base = self._model_factory(prep)
-        ds = self.results["datasets"][name]
-        ds["downstream_parameters"] = num_parameters(base)
-        if self.config.resume and self._done(name, "eps0", 0.0) is not None and base_path.exists():
-            base.load_state_dict(torch.load(base_path, weights_only=True, map_location="cpu"))
-            prep.base_model = base
-            return
-        pretrain, finetune, reused_seconds = self._public_corpus(prep)
-        start -= reused_seconds  # wall time counts the corpus even when a resumed run reuses it
-        sequences = encode_texts(
-            pretrain, self.assets.tokenizer, token_budget=prep.spec.token_budget, special=prep.special
-        )
-        result = train(
-            base,
-            sequences,
-            prep.validation,
-            config=self.config.downstream,
-            epochs=self.config.downstream.pretrain_epochs,
-            pad=prep.special.pad,
-            generator=torch.Generator().manual_seed(self.config.seed),
-            progress=self.config.progress,
-            desc="public base",
-        )
-        torch.save(base.state_dict(), base_path)
-        prep.base_model = base
-        base_test = evaluate(base, prep.test, pad=prep.special.pad, batch_size=self.config.downstream.eval_batch_size)
-        ds["base_model"] = {
-            "note": "public-only starting point of every method (not a table row: eps0 is the ε=0 reference)",
-            "corpus_size": len(pretrain),
-            "selected": f"step {result.selected_step}/{result.steps}",
-            "validation_accuracy": result.selected_validation.accuracy,
-            "accuracy": base_test.accuracy,
-            "cross_entropy": base_test.cross_entropy,
-            "wall_seconds": time.time() - start,
-        }
-        model, trained = self._finetune(prep, finetune, "eps0")
-        self._record(
-            name,
-            self._row(
-                prep,
-                method="eps0",
-                epsilon=0.0,
-                model=model,
-                validation=trained.selected_validation,
-                selected=f"step {trained.selected_step}/{trained.steps}",
-                start=start,
-                epsilon_spent=0.0,
-                corpus_size=len(finetune),
-                bytes_down_per_client_round=None,
-                bytes_up_per_client_round=None,
-            ),
-        )
-
-    def run_epsinf(self, prep: Prepared) -> None:
-        start = time.time()
-        model, result = self._finetune(prep, prep.splits.train.texts, "epsinf")
-        self._record(
-            prep.splits.name,
-            self._row(
-                prep,
-                method="epsinf",
-                epsilon=math.inf,
-                model=model,
-                validation=result.selected_validation,
-                selected=f"step {result.selected_step}/{result.steps}",
-                start=start,
-                epsilon_spent=math.inf,
-                corpus_size=len(prep.splits.train.texts),
-                bytes_down_per_client_round=None,
-                bytes_up_per_client_round=None,
-            ),
-        )
-
-    def run_dpfedavg(self, prep: Prepared, epsilon: float) -> None:
-        from benchmark.dpfedavg import run_dpfedavg
-
-        start = time.time()
-        result = run_dpfedavg(
-            initial_model=prep.base_model,
-            model_factory=lambda: self._model_factory(prep),
-            user_sequences=prep.user_sequences,
-            evaluate_validation=lambda m: evaluate(
-                m, prep.validation, pad=prep.special.pad, batch_size=self.config.downstream.eval_batch_size
-            ),
-            config=self.config.dpfedavg,
-            epsilon=epsilon,
-            delta=self.config.delta,
-            accountant=self.config.accountant,
-            pad=prep.special.pad,
-            seed=self.config.seed,
-            noise_rng=self.noise_rng,
-            sampling_rng=self.sampling_rng,
-            progress=self.config.progress,
-        )
-        self._record(
-            prep.splits.name,
-            self._row(
-                prep,
-                method="dpfedavg",
-                epsilon=epsilon,
-                model=result.model,
-                validation=result.selected_validation,
-                selected=f"round {result.selected_round}/{self.config.dpfedavg.rounds}",
-                start=start,
-                epsilon_spent=result.epsilon,
-                noise_multiplier=result.noise_multiplier,
-                rounds=self.config.dpfedavg.rounds,
-                sample_rate=self.config.dpfedavg.sample_rate,
-                bytes_down_per_client_round=result.bytes_down_per_client_round,
-                bytes_up_per_client_round=result.bytes_up_per_client_round,
-                noise_seeded=self.noise_seeded,
-            ),
-        )
-
-    def _private_embeddings(self, prep: Prepared) -> np.ndarray:
+    def private_embeddings(self, prep: Prepared) -> np.ndarray:
         from benchmark.pe import cached_text_embeddings
 
         if "private_embeddings" not in prep.extras:
@@ -406,118 +282,205 @@ class Benchmark:
             )
         return np.asarray(prep.extras["private_embeddings"])
 
-    def run_pe(self, prep: Prepared, epsilon: float) -> None:
-        from benchmark.pe import run_pe
+    def _test_embeddings(self, prep: Prepared) -> np.ndarray:
+        from benchmark.pe import cached_text_embeddings
 
-        start = time.time()
-        gen = self._gen(prep)
-        result = run_pe(
-            gen,
-            self.assets.embedder,
-            initial=initial_set(gen, seed=self.config.seed, progress=self.config.progress),
-            private_embeddings=self._private_embeddings(prep),
-            owner=prep.splits.train.owner,
-            config=self.config.pe,
-            corpus_size=self.config.corpus.samples,
-            epsilon=epsilon,
-            delta=self.config.delta,
-            accountant=self.config.accountant,
-            seed=self.config.seed,
-            noise_rng=self.noise_rng,
-            progress=self.config.progress,
-        )
-        write_corpus(result.corpus, prep.folder / f"pe-eps{epsilon:g}.jsonl")
-        self._score_corpus(
-            prep, method="pe", epsilon=epsilon, result=result, start=start, noise_seeded=self.noise_seeded
-        )
-
-    def run_popri(self, prep: Prepared, epsilon: float) -> None:
-        from benchmark.popri_method import run_popri_method
-
-        start = time.time()
-        train_file = write_user_jsonl(prep.splits.train, prep.folder / "private" / "train-users.jsonl")
-        output = prep.folder / f"popri-eps{epsilon:g}"
-        if self.config.resume and (output / "synthetic.jsonl").exists() and (output / "privacy.json").exists():
-            result = _reuse_popri(output, self.config, self.assets)
-            start -= read_seconds(output / "synthetic.jsonl")  # the run itself happened in an earlier invocation
-        else:
-            interrupted = self.config.resume and (output / "config.json").exists()
-            if output.exists() and not interrupted:
-                import shutil
-
-                shutil.rmtree(output)  # a run of an earlier invocation (popri refuses to overwrite a run)
-            result = run_popri_method(
-                self.config,
-                prep.spec,
-                epsilon=epsilon,
-                train_file=train_file,
-                output=output,
-                instruction=prep.instruction,
-                embedding_dim=embedding_dimension(self.assets.embedder),
-                resume=interrupted,
+        if "test_embeddings" not in prep.extras:
+            cache = prep.folder / "private" / f"test-embeddings-{prep.splits.test.fingerprint()}.npy"
+            prep.extras["test_embeddings"] = cached_text_embeddings(
+                self.assets.embedder, prep.splits.test.texts, cache=cache, progress=self.config.progress
             )
-            write_seconds(output / "synthetic.jsonl", result.seconds)
-        self._score_corpus(prep, method="popri", epsilon=epsilon, result=result, start=start, run_folder=str(output))
+        return np.asarray(prep.extras["test_embeddings"])
 
-    def _score_corpus(
-        self, prep: Prepared, *, method: str, epsilon: float, result: Any, start: float, **extra: Any
-    ) -> None:
-        """Train the downstream model on a private synthetic corpus (PE or POPri) and record its row."""
-        model, trained = self._finetune(prep, result.corpus, f"{method} eps={epsilon:g}")
-        self._record(
-            prep.splits.name,
-            self._row(
-                prep,
-                method=method,
-                epsilon=epsilon,
-                model=model,
-                validation=trained.selected_validation,
-                selected=f"step {trained.selected_step}/{trained.steps}",
-                start=start,
-                epsilon_spent=result.epsilon,
-                noise_multiplier=result.noise_multiplier,
-                rounds=result.rounds,
-                sample_rate=1.0,
-                corpus_size=len(result.corpus),
-                bytes_down_per_client_round=result.bytes_down_per_client_round,
-                bytes_up_per_client_round=result.bytes_up_per_client_round,
-                **extra,
-            ),
+    def _distribution(self, prep: Prepared, texts: list[str], seed: int) -> dict[str, Any]:
+        """FID and k-NN precision/recall of ``texts`` against the test users' texts (non-private diagnostic)."""
+        from benchmark.distribution import distribution_metrics
+        from popri.embedding import embed_texts
+
+        texts = [t for t in texts if t.strip()]
+        if len(texts) < 2:
+            return {"fid": None, "knn_precision": None, "knn_recall": None, "metric_samples": len(texts)}
+        return distribution_metrics(
+            np.asarray(embed_texts(self.assets.embedder, texts)),
+            self._test_embeddings(prep),
+            rng=np.random.default_rng([seed, 53]),
         )
+
+    # -- the public base model, per seed ---------------------------------------------------------------------------
+
+    def _public_corpus(self, rep: Replicate) -> tuple[list[str], list[str], float]:
+        """Samples of the untuned generator from the public initial set: (pretraining part, eps0 fine-tuning part,
+        seconds it took to write them, also when a resumed run reuses them)."""
+        path = rep.folder / "public.jsonl"
+        n_base, n_ft = self.config.corpus.public_samples, self.config.corpus.samples
+        corpus = read_corpus(path) if self.config.resume and path.exists() else []
+        if len(corpus) == n_base + n_ft:
+            return corpus[:n_base], corpus[n_base:], read_seconds(path)
+        if not self.config.resume:  # a fresh run never continues an earlier partial corpus
+            for stale in (path.with_name(path.name + ".partial"), path.with_name(path.name + ".partial.seconds.json")):
+                stale.unlink(missing_ok=True)
+        before = read_seconds(path.with_name(path.name + ".partial"))
+        corpus = generate_corpus_resumable(
+            self.generator_for(rep.prepared),
+            self.initial(rep),
+            count=n_base + n_ft,
+            seed=rep.seed + 10,
+            path=path,
+            progress=self.config.progress,
+            desc="public corpus",
+        )
+        return corpus[:n_base], corpus[n_base:], before  # earlier invocations' share; this one is on the clock
+
+    def replicate(self, prep: Prepared, seed: int) -> Replicate:
+        """The public base model of ``seed`` (built, or loaded when resuming) and eps0's public corpus.
+
+        base = a fresh model (initialised from ``seed``) trained on ``public_samples`` samples of the untuned generator
+        (the role of the paper's C4-pretrained DistilGPT2); only what trains is saved (all of GPT-2, LoRA's adapter).
+        """
+        start = time.time()
+        rep = Replicate(bench=self, prepared=prep, seed=seed, folder=prep.folder / f"seed{seed}")
+        base = self._model_factory(prep, seed)
+        ds = self.results["datasets"][prep.splits.name]
+        ds["downstream_parameters"] = num_parameters(base)
+        ds["downstream_trainable_parameters"] = sum(p.numel() for _, p in trainable_parameters(base))
+        ds["downstream_kind"] = self.config.downstream.kind
+        pretrain, rep.public_finetune, reused_seconds = self._public_corpus(rep)
+        base_path = rep.folder / "base_model.pt"
+        if self.config.resume and base_path.exists():
+            _load_trainable(base, torch.load(base_path, weights_only=True, map_location="cpu"))
+            rep.base_model = base
+            return rep
+        start -= reused_seconds  # wall time counts the corpus even when a resumed run reuses it
+        result = train(
+            base,
+            self._encode(prep, pretrain),
+            prep.validation,
+            config=self.config.downstream,
+            epochs=self.config.downstream.pretrain_epochs,
+            pad=prep.special.pad,
+            generator=torch.Generator().manual_seed(seed),
+            progress=self.config.progress,
+            desc=f"public base (seed {seed})",
+        )
+        base_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({n: p.detach().cpu() for n, p in trainable_parameters(base)}, base_path)
+        rep.base_model = base
+        base_test = evaluate(base, prep.test, pad=prep.special.pad, batch_size=self.config.downstream.eval_batch_size)
+        info = {
+            "note": "public-only starting point of every method (not a table row: eps0 is the ε=0 reference)",
+            "seed": seed,
+            "corpus_size": len(pretrain),
+            "selected": f"step {result.selected_step}/{result.steps}",
+            "validation_accuracy": result.selected_validation.accuracy,
+            "accuracy": base_test.accuracy,
+            "cross_entropy": base_test.cross_entropy,
+            "wall_seconds": time.time() - start,
+        }
+        models = [m for m in ds.get("base_models", []) if m.get("seed") != seed] + [info]
+        ds["base_models"] = sorted(models, key=lambda m: m["seed"])
+        ds["base_model"] = ds["base_models"][0]
+        rep.base_seconds = time.time() - start
+        return rep
+
+    # -- one row ---------------------------------------------------------------------------------------------------
+
+    def run_method(self, rep: Replicate, method: str, epsilon: float) -> dict[str, Any]:
+        """Run one registered method at ``epsilon`` for the replicate's seed, score it and record its row."""
+        prep = rep.prepared
+        start = time.time() - (rep.base_seconds if method == "eps0" else 0.0)  # eps0 carries the base's cost
+        out: MethodOutput = REGISTRY[method].run(rep, epsilon=epsilon)
+        start -= float(out.row.pop("reused_seconds", 0.0))
+        label = f"{method} eps={epsilon:g} seed={rep.seed}"
+        if out.corpus is not None:
+            model, trained = self._finetune(rep, out.corpus, label)
+            validation, selected = trained.selected_validation, f"step {trained.selected_step}/{trained.steps}"
+            corpus_size: int | None = len(out.corpus)
+        else:
+            model, validation, selected, corpus_size = out.model, out.validation, out.selected, None
+        test = self._test(prep, model)
+        row: dict[str, Any] = {
+            "method": method,
+            "epsilon": epsilon,
+            "seed": rep.seed,
+            "accuracy": test.accuracy,
+            "cross_entropy": test.cross_entropy,
+            "test_tokens": test.tokens,
+            "test_user_correct": list(test.group_correct or ()),
+            "test_user_tokens": list(test.group_tokens or ()),
+            "validation_accuracy": validation.accuracy,
+            "validation_cross_entropy": validation.cross_entropy,
+            "selected": selected,
+            "epsilon_spent": out.epsilon_spent,
+            "delta": self.config.delta if REGISTRY[method].private else None,
+            "non_private": not REGISTRY[method].private and method != "eps0",
+            "corpus_size": corpus_size,
+            "bytes_down_per_client_round": None,
+            "bytes_up_per_client_round": None,
+            **out.row,
+        }
+        if out.synthetic or method == "oracle":
+            row.update(self._distribution(prep, out.corpus or [], rep.seed))
+            row["distribution_note"] = "vs the test users' texts: a benchmark diagnostic, non-private"
+        if out.round_samples:
+            rounds = sorted(out.round_samples.items())
+            row["round_metrics"] = [{"round": r, **self._distribution(prep, texts, rep.seed)} for r, texts in rounds]
+        row["wall_seconds"] = time.time() - start
+        self._record(prep.splits.name, row)
+        return row
 
     # -- all -----------------------------------------------------------------------------------------------------
 
     def jobs(self) -> list[tuple[str, float]]:
+        """(method, ε) pairs: eps0 first (every other method starts from the same base model), non-private methods
+        at their own ε, private ones at every ε."""
+        methods = ["eps0", *[m for m in self.config.methods if m != "eps0"]]
         out: list[tuple[str, float]] = []
-        for method in self.config.methods:
-            if method == "eps0":
-                continue  # always run first: every other method starts from it
-            if method == "epsinf":
-                out.append((method, math.inf))
+        for name in methods:
+            method = REGISTRY[name]
+            if method.private:
+                out += [(name, float(e)) for e in self.config.epsilons]
             else:
-                out += [(method, float(e)) for e in self.config.epsilons]
+                out.append((name, float(method.fixed_epsilon or 0.0)))
         return out
 
     def run(self) -> dict[str, Any]:
         for spec in self.config.datasets:
             prep = self.prepare(spec)
             jobs = self.jobs()
-            bar = tqdm(total=len(jobs) + 1, desc=prep.splits.name, disable=not self.config.progress, unit="run")
-            bar.set_postfix_str("eps0")
-            self.run_eps0(prep)
-            bar.update(1)
-            for method, epsilon in jobs:
-                bar.set_postfix_str(f"{method} eps={epsilon:g}")
-                if self.config.resume and self._done(prep.splits.name, method, epsilon):
-                    logger.info("resume: %s eps=%g already in results.json", method, epsilon)
-                elif method == "epsinf":
-                    self.run_epsinf(prep)
-                else:
-                    getattr(self, f"run_{method}")(prep, epsilon)
-                bar.update(1)
+            seeds = self.config.seed_values()
+            bar = tqdm(total=len(jobs) * len(seeds), desc=prep.splits.name, disable=not self.config.progress)
+            for seed in seeds:
+                done = {(m, e) for m, e in jobs if self.config.resume and self._done(prep.splits.name, m, e, seed)}
+                todo = [job for job in jobs if job not in done]
+                if not todo:
+                    bar.update(len(jobs))
+                    continue
+                rep = self.replicate(prep, seed)
+                for method, epsilon in jobs:
+                    bar.set_postfix_str(f"seed {seed} {method} eps={epsilon:g}")
+                    if (method, epsilon) in todo:
+                        self.run_method(rep, method, epsilon)
+                    else:
+                        logger.info("resume: %s eps=%g seed=%d already in results.json", method, epsilon, seed)
+                    bar.update(1)
+                rep.base_model = None  # free the seed's models before the next one
             bar.close()
         report.write_all(self.out, self.results)
         return self.results
+
+    def reuse_popri(self, output: Path) -> Any:
+        return _reuse_popri(output, self.config, self.assets)
+
+
+def _load_trainable(model: Any, state: dict[str, torch.Tensor]) -> None:
+    """Load saved trainable parameters (or, for a file of an earlier version, a whole state dict)."""
+    params = dict(trainable_parameters(model))
+    if set(state) == set(params):
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+    else:
+        model.load_state_dict(state)
 
 
 def embedding_dimension(embedder: Any) -> int:

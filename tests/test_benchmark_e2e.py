@@ -52,42 +52,103 @@ def _tiny_config(model_dir: Path, tmp_path: Path) -> object:
         ),
         dpfedavg=DPFedAvgConfig(rounds=2, sample_rate=1.0, local_steps=1, num_nodes=2),
         pe=PEConfig(rounds=1, population=6, keep=3),
-        popri=PopriMethodConfig(rounds=1, prompts=3, samples_per_prompt=3, rejected_rank=1, extra=(("batch-size", 2),)),
+        popri=PopriMethodConfig(
+            settings=(("rounds", 1), ("prompts", 3), ("samples-per-prompt", 3), ("rejected-rank", 1), ("batch-size", 2))
+        ),
+        seeds=2,
+        bootstrap_resamples=200,
     )
 
 
 def test_every_method_end_to_end_on_tiny_models(tiny_model_dir: Path, tmp_path: Path) -> None:
-    # Prepare: a random 2-layer Llama with a byte tokenizer as the generator; 24 Shakespeare users.
+    # Prepare: a random 2-layer Llama with a byte tokenizer as the generator; 24 Shakespeare users; 2 seeds.
     config = _tiny_config(tiny_model_dir, tmp_path)
 
     # Execute
     results = run_benchmark(config)  # type: ignore[arg-type]
 
-    # Assert: one row per (method, ε), within budget, scored, and the three outputs on disk.
+    # Assert: one row per (method, ε, seed), within budget, scored, and the three outputs on disk.
     out = tmp_path / "out"
-    rows = {(r["method"], r["epsilon"]): r for r in results["datasets"]["shakespeare"]["results"]}
-    assert set(rows) == {("eps0", 0.0), ("epsinf", math.inf), ("dpfedavg", 2.0), ("pe", 2.0), ("popri", 2.0)}
-    for (method, eps), row in rows.items():
+    ds = results["datasets"]["shakespeare"]
+    all_rows = {(r["method"], r["epsilon"], r["seed"]): r for r in ds["results"]}
+    jobs = {("eps0", 0.0), ("epsinf", math.inf), ("oracle", math.inf), ("dpfedavg", 2.0), ("pe", 2.0), ("popri", 2.0)}
+    assert set(all_rows) == {(m, e, s) for m, e in jobs for s in (0, 1)}
+    rows = {(m, e): r for (m, e, s), r in all_rows.items() if s == 0}
+    for (method, eps, _seed), row in all_rows.items():
         assert 0.0 <= row["accuracy"] <= 1.0 and row["cross_entropy"] > 0, method
         assert row["test_tokens"] > 0 and row["wall_seconds"] > 0
+        assert sum(row["test_user_tokens"]) == row["test_tokens"]
+        assert sum(row["test_user_correct"]) == round(row["accuracy"] * row["test_tokens"])
         if method in ("dpfedavg", "pe", "popri"):
             assert 0 < row["epsilon_spent"] <= eps, method
             assert row["delta"] == config.delta  # type: ignore[attr-defined]
             assert row["bytes_down_per_client_round"] > 0 and row["bytes_up_per_client_round"] > 0
-    assert {rows[(m, e)]["corpus_size"] for m, e in [("eps0", 0.0), ("pe", 2.0), ("popri", 2.0)]} == {8}
-    base = results["datasets"]["shakespeare"]["base_model"]
+        if method in ("eps0", "oracle", "pe", "popri"):
+            assert row["fid"] is not None and row["fid"] >= 0, method
+            assert 0.0 <= row["knn_precision"] <= 1.0 and 0.0 <= row["knn_recall"] <= 1.0, method
+    assert all_rows[("oracle", math.inf, 0)]["non_private"] is True
+    assert [m["round"] for m in all_rows[("popri", 2.0, 0)]["round_metrics"]] == [1]
+    assert {
+        rows[(m, e)]["corpus_size"] for m, e in [("eps0", 0.0), ("pe", 2.0), ("popri", 2.0), ("oracle", math.inf)]
+    } == {8}
+    base = ds["base_model"]
     assert base["corpus_size"] == 8 and 0.0 <= base["accuracy"] <= 1.0
     assert rows[("eps0", 0.0)]["gap_closure"] in (0.0, None)
+    # Assert: the summary over seeds and the paired comparisons.
+    summary = {(e["method"], e["epsilon"]): e for e in ds["summary"]}
+    assert set(summary) == jobs
+    for entry in summary.values():
+        assert entry["seeds"] == [0, 1]
+        low, high = entry["accuracy_ci95"]
+        assert low <= entry["accuracy_mean"] <= high
+    assert summary[("popri", 2.0)]["fid"] is not None
+    pairs = {(c["a"], c["b"], c["epsilon"]) for c in ds["comparisons"]}
+    assert {
+        ("popri", "pe", 2.0),
+        ("popri", "dpfedavg", 2.0),
+        ("pe", "dpfedavg", 2.0),
+        ("oracle", "eps0", math.inf),
+    } <= pairs
+    for c in ds["comparisons"]:
+        assert c["diff_ci95"][0] <= c["diff_ci95"][1] and c["seeds"] == [0, 1]
     saved = json.loads((out / "results.json").read_text())
     assert saved["datasets"]["shakespeare"]["splits"]["held_out"] == "users"
-    assert (out / "results.md").read_text().count("| POPri |") == 2
+    assert (out / "results.md").read_text().count("| POPri |") == 1 + 1 + 2  # accuracy, distribution, one per seed
     assert (out / "privacy_utility.png").exists()
-    assert (out / "shakespeare" / "popri-eps2" / "privacy.json").exists()
+    assert (out / "shakespeare" / "seed0" / "popri-eps2" / "privacy.json").exists()
 
     # Execute again with resume: nothing runs again, the table is unchanged.
     again = run_benchmark(dataclasses.replace(config, resume=True))  # type: ignore[type-var]
-    rerun = {(r["method"], r["epsilon"]): r["wall_seconds"] for r in again["datasets"]["shakespeare"]["results"]}
-    assert rerun == {key: row["wall_seconds"] for key, row in rows.items()}
+    rerun = {
+        (r["method"], r["epsilon"], r["seed"]): r["wall_seconds"] for r in again["datasets"]["shakespeare"]["results"]
+    }
+    assert rerun == {key: row["wall_seconds"] for key, row in all_rows.items()}
+
+
+def test_pretrained_lora_downstream_end_to_end_on_tiny_models(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare: the tiny generator is also the "public pretrained" downstream; DP-FedAvg trains its adapter.
+    base = _tiny_config(tiny_model_dir, tmp_path)
+    config = dataclasses.replace(
+        base,  # type: ignore[type-var]
+        methods=("eps0", "epsinf", "dpfedavg"),
+        seeds=1,
+        downstream=DownstreamConfig(
+            kind="pretrained-lora", lora_r=2, batch_size=16, pretrain_epochs=1, epochs=1, eval_every=10
+        ),
+    )
+
+    # Execute
+    results = run_benchmark(config)
+
+    # Assert: every row scored; only the adapter trains, and DP-FedAvg sends exactly it.
+    ds = results["datasets"]["shakespeare"]
+    assert ds["downstream_kind"] == "pretrained-lora"
+    assert 0 < ds["downstream_trainable_parameters"] < ds["downstream_parameters"]
+    rows = {r["method"]: r for r in ds["results"]}
+    assert set(rows) == {"eps0", "epsinf", "dpfedavg"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows.values())
+    sent = rows["dpfedavg"]["bytes_down_per_client_round"]  # float32 payload plus Flower's per-array metadata
+    assert 4 * ds["downstream_trainable_parameters"] <= sent < 4 * ds["downstream_parameters"]
 
 
 def test_public_corpus_resumes_where_it_stopped(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -115,12 +176,18 @@ def test_public_corpus_resumes_where_it_stopped(tiny_model_dir: Path, tmp_path: 
 
 @pytest.mark.slow
 def test_quick_preset_on_the_real_models(tmp_path: Path) -> None:
-    """The CI check of the real pipeline: SmolLM2, MiniLM and Shakespeare, every method, two ε (~3 min on 2 cores)."""
+    """The CI check of the real pipeline: SmolLM2, MiniLM and Shakespeare, every method, two ε, two seeds, with the
+    intervals, the oracle row and the distribution metrics."""
     config = preset_config("quick", output=str(tmp_path / "quick"), progress=False)
     results = run_benchmark(config)
-    rows = results["datasets"]["shakespeare"]["results"]
-    assert len(rows) == 2 + 3 * 2
+    ds = results["datasets"]["shakespeare"]
+    rows = ds["results"]
+    assert len(rows) == config.seeds * (3 + 3 * 2)
     for row in rows:
         if row["method"] in ("dpfedavg", "pe", "popri"):
             assert row["epsilon_spent"] <= row["epsilon"]
+    summary = {(e["method"], e["epsilon"]): e for e in ds["summary"]}
+    assert summary[("oracle", math.inf)]["accuracy_ci95"] is not None
+    assert all(summary[(m, 1.0)]["fid"] is not None for m in ("pe", "popri"))
+    assert any(c["a"] == "popri" and c["b"] == "pe" for c in ds["comparisons"])
     assert (tmp_path / "quick" / "results.md").exists()

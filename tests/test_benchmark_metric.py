@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from benchmark.config import DownstreamConfig
 from benchmark.downstream import (
     SpecialIds,
+    build_downstream,
     build_model,
     collate,
     encode_texts,
@@ -19,7 +20,9 @@ from benchmark.downstream import (
     next_token_counts,
     target_mask,
     train,
+    trainable_parameters,
 )
+from tests.tiny_models import byte_tokenizer, tiny_causal_lm
 
 
 def test_next_token_counts_hand_computed() -> None:
@@ -149,3 +152,60 @@ def test_training_depends_only_on_its_generator() -> None:
     # Assert: identical weights; the global generator was left as it was.
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     assert torch.equal(torch.get_rng_state(), global_before)
+
+
+def test_evaluate_returns_per_group_counts_that_sum_to_the_totals() -> None:
+    # Prepare: the bigram stub; sequences of test users 1, 0, 1 (batch of 2 splits user 1's texts).
+    model = _BigramModel({0: 1, 1: 2, 2: 3, 3: 0, 4: 0}, vocab=5)
+    seqs = [[0, 1, 2, 0], [0, 3, 0], [0, 1, 0]]  # targets: 2 of 3 right; 1 of 2 right; 1 of 2 right
+
+    # Execute
+    result = evaluate(model, seqs, pad=0, batch_size=2, groups=[1, 0, 1])
+
+    # Assert: per-user counts (user 0: seq 2; user 1: seqs 1 and 3) and totals unchanged.
+    assert result.group_tokens == (2, 5) and result.group_correct == (1, 3)
+    assert result.tokens == 7 and result.accuracy == pytest.approx(4 / 7)
+    with pytest.raises(ValueError, match="groups has 2 entries for 3 sequences"):
+        evaluate(model, seqs, pad=0, groups=[0, 1])
+
+
+def test_pretrained_lora_downstream_trains_only_the_adapter() -> None:
+    # Prepare: a tiny random Llama stands in for the public pretrained SmolLM2.
+    tok = byte_tokenizer()
+    eos = tok.eos_token_id
+    special = SpecialIds(bos=eos, eos=eos, pad=eos, vocab_size=len(tok))
+    config = DownstreamConfig(
+        kind="pretrained-lora", lora_r=4, lora_alpha=8, dropout=0.0, learning_rate=5e-2, batch_size=4, eval_every=5
+    )
+    pretrained = tiny_causal_lm(tok)
+    frozen_before = {n: p.detach().clone() for n, p in pretrained.named_parameters()}
+    model = build_downstream(config, special, max_positions=32, seed=0, pretrained=lambda: pretrained)
+    data = [[eos, 10, 11, 12, 13, eos]] * 8
+    start = evaluate(model, data, pad=eos).cross_entropy
+
+    # Execute
+    train(model, data, data, config=config, epochs=5, pad=eos, generator=torch.Generator().manual_seed(0))
+
+    # Assert: only LoRA weights train; the base weights are untouched; the model learned the sequence.
+    names = [n for n, _ in trainable_parameters(model)]
+    assert names and all("lora_" in n for n in names)
+    base = dict(model.get_base_model().named_parameters())
+    for name, before in frozen_before.items():
+        key = next(k for k in base if k.replace(".base_layer", "") == name)
+        assert torch.equal(base[key], before), name
+    assert evaluate(model, data, pad=eos).cross_entropy < start
+
+
+def test_pretrained_lora_adapter_init_is_seeded() -> None:
+    tok = byte_tokenizer()
+    eos = tok.eos_token_id
+    special = SpecialIds(bos=eos, eos=eos, pad=eos, vocab_size=len(tok))
+    config = DownstreamConfig(kind="pretrained-lora", lora_r=2)
+    a = build_downstream(config, special, max_positions=8, seed=3, pretrained=lambda: tiny_causal_lm(tok))
+    b = build_downstream(config, special, max_positions=8, seed=3, pretrained=lambda: tiny_causal_lm(tok))
+    c = build_downstream(config, special, max_positions=8, seed=4, pretrained=lambda: tiny_causal_lm(tok))
+    pa, pb, pc = (dict(trainable_parameters(m)) for m in (a, b, c))
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+    assert any(not torch.equal(pa[n], pc[n]) for n in pa)
+    with pytest.raises(ValueError, match="needs the public pretrained model"):
+        build_downstream(config, special, max_positions=8, seed=0)

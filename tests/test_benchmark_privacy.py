@@ -200,3 +200,37 @@ def test_client_returns_the_sum_of_its_users_clipped_updates() -> None:
     # an update (θ_u − θ summed), not weights: same parameters, tiny norm compared with θ itself
     assert list(reply.content["arrays"].keys()) == list(arrays.keys())
     assert l2_norm(arrays.to_numpy_ndarrays()) > 100 * l2_norm(update)
+
+
+def test_dpfedavg_sends_and_trains_only_a_lora_adapter() -> None:
+    # Prepare: a LoRA downstream on a tiny Llama (the pretrained-lora kind).
+    import torch
+
+    from benchmark.config import DownstreamConfig
+    from benchmark.downstream import SpecialIds, build_downstream, trainable_parameters
+    from benchmark.dpfedavg import local_update, model_arrays
+    from tests.tiny_models import byte_tokenizer, tiny_causal_lm
+
+    tok = byte_tokenizer()
+    eos = tok.eos_token_id
+    special = SpecialIds(bos=eos, eos=eos, pad=eos, vocab_size=len(tok))
+    config = DownstreamConfig(kind="pretrained-lora", lora_r=2, dropout=0.0)
+    model = build_downstream(config, special, max_positions=16, seed=0, pretrained=lambda: tiny_causal_lm(tok))
+
+    # Execute
+    arrays = model_arrays(model)
+    update = local_update(
+        model,
+        arrays,
+        [[eos, 5, 6, 7, eos]] * 4,
+        local_steps=2,
+        batch_size=2,
+        learning_rate=0.5,
+        pad=eos,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+    # Assert: the message holds the adapter only, and the update has one nonzero array per adapter tensor.
+    assert list(arrays.keys()) == [n for n, _ in trainable_parameters(model)]
+    assert all("lora_" in k for k in arrays.keys())
+    assert len(update) == len(arrays.keys()) and l2_norm(update) > 0

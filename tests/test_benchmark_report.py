@@ -10,7 +10,18 @@ from pathlib import Path
 import pytest
 
 from benchmark import cli, report
-from benchmark.config import BenchConfigError, DataSpec, DPFedAvgConfig, PEConfig, preset_config
+from benchmark.config import (
+    METHODS,
+    POPRI_MANAGED_KEYS,
+    BenchConfigError,
+    DataSpec,
+    DownstreamConfig,
+    DPFedAvgConfig,
+    PEConfig,
+    PopriMethodConfig,
+    preset_config,
+)
+from benchmark.methods import REGISTRY
 
 
 def _rows() -> list[dict[str, object]]:
@@ -163,3 +174,74 @@ def test_perf_mode_is_reserved() -> None:
     perf = cli._perf_module()
     if perf is None or not hasattr(perf, "main"):
         assert args.func(args) == 2  # reserved: a clear message until benchmark/perf.py provides main(args)
+
+
+def test_popri_section_takes_any_popri_run_key() -> None:
+    # Prepare
+    args = _parser().parse_args(
+        ["bench", "--preset", "quick", "--set", "popri.beta=0.05", "--set", "popri.rounds=3", "--seeds", "4"]
+    )
+
+    # Execute
+    config = cli.config_from_args(args)
+    run = config.popri.run_config()
+
+    # Assert: the value reaches popri's own schema (typed there); the quick preset's other POPri keys are kept.
+    assert run.train.beta == 0.05 and run.rounds == 3 and config.popri.rounds == 3
+    assert config.popri.prompts == 4 and config.seeds == 4 and config.seed_values() == [0, 1, 2, 3]
+    for bad, match in [
+        ("popri.betta=1", r"'popri\.betta': not a popri run key"),
+        ("popri.beta=abc", r"'popri\.beta'"),
+        ("popri.delta=1e-5", "use 'delta' instead"),
+        ("popri.rejected-rank=9", "rejected"),
+    ]:
+        with pytest.raises(BenchConfigError, match=match):
+            cli.config_from_args(_parser().parse_args(["bench", "--set", bad]))
+
+
+def test_every_managed_popri_key_is_a_popri_run_key() -> None:
+    from popri.config import known_keys
+
+    assert set(POPRI_MANAGED_KEYS) <= set(known_keys())
+    with pytest.raises(BenchConfigError, match=r"'popri\.epsilon'"):
+        PopriMethodConfig(settings=(("epsilon", 1.0),))
+
+
+def test_registry_holds_every_method_with_its_privacy() -> None:
+    assert tuple(REGISTRY) == METHODS
+    assert {m for m, method in REGISTRY.items() if method.private} == {"dpfedavg", "pe", "popri"}
+    assert REGISTRY["oracle"].fixed_epsilon == math.inf and REGISTRY["eps0"].fixed_epsilon == 0.0
+
+
+def test_downstream_kind_is_checked() -> None:
+    with pytest.raises(BenchConfigError, match=r"'downstream\.kind'"):
+        DownstreamConfig(kind="bert")
+    args = _parser().parse_args(["bench", "--set", "downstream.kind=pretrained-lora", "--set", "downstream.lora-r=8"])
+    config = cli.config_from_args(args)
+    assert config.downstream.kind == "pretrained-lora" and config.downstream.lora_r == 8
+
+
+def _replicate(seed: int, texts: list[str], samples: int) -> object:
+    from types import SimpleNamespace
+
+    train = SimpleNamespace(texts=texts)
+    return SimpleNamespace(
+        seed=seed,
+        prepared=SimpleNamespace(splits=SimpleNamespace(train=train)),
+        bench=SimpleNamespace(config=SimpleNamespace(corpus=SimpleNamespace(samples=samples))),
+    )
+
+
+def test_oracle_draws_n_distinct_real_texts_per_seed() -> None:
+    # Prepare: 50 private train texts, corpus size 10.
+    texts = [f"private text {i}" for i in range(50)]
+
+    # Execute
+    first = REGISTRY["oracle"].run(_replicate(0, texts, 10), epsilon=math.inf)  # type: ignore[arg-type]
+    again = REGISTRY["oracle"].run(_replicate(0, texts, 10), epsilon=math.inf)  # type: ignore[arg-type]
+    other = REGISTRY["oracle"].run(_replicate(1, texts, 10), epsilon=math.inf)  # type: ignore[arg-type]
+
+    # Assert: N distinct real texts, the same draw for the same seed, a new draw for a new seed, labelled non-private.
+    assert first.corpus is not None and len(set(first.corpus)) == 10 and set(first.corpus) <= set(texts)
+    assert first.corpus == again.corpus and first.corpus != other.corpus
+    assert first.row["non_private"] is True and math.isinf(first.epsilon_spent)

@@ -2,42 +2,22 @@
 
 ``popri bench --preset quick --output runs/bench-quick`` runs every method at toy size; ``--methods``, ``--epsilons``
 and ``--dataset`` select parts. ``popri/cli.py`` registers this with :func:`add_subparser`; ``python -m benchmark``
-runs it standalone. An optional first word selects the mode: ``run`` (the default) or ``perf`` (a performance
-harness; it plugs in through a ``benchmark.perf`` module with ``add_arguments(parser)`` and ``main(args)``).
+runs it standalone. The performance harness is its own command, ``popri perf`` (:mod:`benchmark.perf.cli`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import logging
 import sys
 from typing import Any
 
 from benchmark.config import METHODS, PRESETS, BenchConfig, BenchConfigError, apply_overrides, preset_config
 
-MODES = ("run", "perf")
-
-
-def _perf_module() -> Any:
-    """``benchmark.perf`` if it is there and imports cleanly (a broken harness must not break ``popri bench``)."""
-    try:
-        return importlib.import_module("benchmark.perf")
-    except Exception as err:  # ImportError, or any error of a module being written
-        logging.getLogger(__name__).debug("benchmark.perf unavailable: %s", err)
-        return None
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``popri bench`` (every flag has its help)."""
-    parser.add_argument(
-        "mode",
-        nargs="?",
-        default="run",
-        choices=MODES,
-        help="'run' (default): the privacy-utility benchmark; 'perf': the performance harness",
-    )
     parser.add_argument(
         "--preset",
         choices=PRESETS,
@@ -101,9 +81,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="keep the rows already in OUTPUT/results.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    perf = _perf_module()
-    if perf is not None and hasattr(perf, "add_arguments"):
-        perf.add_arguments(parser)
 
 
 def _data_files(values: list[str], datasets: list[str]) -> dict[str, str]:
@@ -161,16 +138,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def handle(args: argparse.Namespace) -> int:
-    """Run the selected mode; returns the process exit code."""
+    """Run the benchmark; returns the process exit code."""
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s"
     )
-    if args.mode == "perf":
-        perf = _perf_module()
-        if perf is None or not hasattr(perf, "main"):
-            print("popri bench perf: the performance harness (benchmark/perf.py) is not installed yet", file=sys.stderr)
-            return 2
-        return int(perf.main(args) or 0)
     try:
         config = config_from_args(args)
     except BenchConfigError as err:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from popri.config import ConfigError, split_assignment
+
 METHODS: tuple[str, ...] = ("eps0", "epsinf", "oracle", "dpfedavg", "pe", "popri")
 PRIVATE_METHODS: tuple[str, ...] = ("dpfedavg", "pe", "popri")
 NAMED_DATASETS: tuple[str, ...] = ("shakespeare", "congress", "biorxiv", "pubmed")
@@ -429,16 +431,15 @@ def _coerce(key: str, raw: str, current: Any) -> Any:
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:
-    """``["KEY=VALUE", ...]`` as an ordered dict (a later assignment of the same key wins); errors name the item.
-
-    A local stand-in for the one KEY=VALUE parser of ``popri.config`` (``parse_assignments``), same contract.
-    """
+    """``["KEY=VALUE", ...]`` as an ordered dict of raw strings (a later assignment of the same key wins), split by
+    popri's one parser of assignments; each value is typed later by the field it sets."""
     out: dict[str, str] = {}
     for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise BenchConfigError(f"invalid benchmark key '{item}': use KEY=VALUE, e.g. dpfedavg.rounds=10")
-        out[key.strip()] = raw
+        try:
+            key, raw = split_assignment(item)
+        except ConfigError as err:
+            raise BenchConfigError(f"invalid benchmark key '{item}': {err}") from None
+        out[key] = raw
     return out
 
 

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from benchmark.config import DPFedAvgConfig
 from benchmark.downstream import seeded_torch, sequence_loss, trainable_parameters
 from popri.data import partition_users
-from popri.privacy import PrivacyLedger, calibrate_noise, poisson_sample
+from popri.privacy import PrivacyLedger, calibrate_noise, gaussian_mechanism, poisson_sample
 from server.grid import InProcessGrid
 
 logger = logging.getLogger(__name__)
@@ -292,15 +292,17 @@ class UserLevelDPFedAvg(FedAvg):
             claimed |= set(users)
             total = [t + u for t, u in zip(total, update, strict=True)]
         epsilon = self.ledger.charge(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        std = self.noise_multiplier * self.clip_norm
         scale = self.server_learning_rate / (self.sample_rate * self.num_users)
         new = []
-        for c, t in zip(current, total, strict=True):
-            noisy = t + self.noise_rng.normal(0.0, std, size=t.shape)
+        for c, t in zip(current, total, strict=True):  # one Gaussian per array = one on the concatenated update
+            noisy = gaussian_mechanism(
+                summed_scores=t, noise_multiplier=self.noise_multiplier, sensitivity=self.clip_norm, rng=self.noise_rng
+            )
             new.append((c.astype(np.float64) + scale * noisy).astype(c.dtype))
         arrays = ArrayRecord({k: Array(a) for k, a in zip(self.current.keys(), new, strict=True)})
-        metrics = MetricRecord({"users": len(claimed), "rejected-replies": rejected, "epsilon": epsilon})
-        logger.info("round %d: %d users, epsilon spent %.4f", server_round, len(claimed), epsilon)
+        # The number of users is private under user-level DP: it stays in memory (the duplicate check), never logged.
+        metrics = MetricRecord({"rejected-replies": rejected, "epsilon": epsilon})
+        logger.info("round %d: epsilon spent %.4f", server_round, epsilon)
         return arrays, metrics
 
 

@@ -168,14 +168,6 @@ def test_cli_data_files_for_several_sets() -> None:
         cli.config_from_args(bad)
 
 
-def test_perf_mode_is_reserved() -> None:
-    args = _parser().parse_args(["bench", "perf"])
-    assert args.mode == "perf"
-    perf = cli._perf_module()
-    if perf is None or not hasattr(perf, "main"):
-        assert args.func(args) == 2  # reserved: a clear message until benchmark/perf.py provides main(args)
-
-
 def test_popri_section_takes_any_popri_run_key() -> None:
     # Prepare
     args = _parser().parse_args(

@@ -93,15 +93,15 @@ def test_the_runs_dataset_card_states_the_guarantee_and_every_parameter(run_dir)
 
 
 def test_no_card_publishes_a_count_of_users(run_dir):
-    # Prepare: the run's round records hold the exact count, which must stay out of every card
-    users = {r["users_sampled"] for r in map(json.loads, (run_dir / "rounds.jsonl").read_text().splitlines())}
+    # Prepare: at q = 1 every round samples all 9 training users of the tiny run; that count stays out of every card
+    records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
     cards = [run_dir / "synthetic" / "README.md", run_dir / "generator" / "privacy-card.md"]
 
     # Execute
     headers = [_front_matter(p.read_text())["privacy"] for p in cards]
 
     # Assert
-    assert users == {9}
+    assert records and not any("users_sampled" in r for r in records)
     for header, path in zip(headers, cards, strict=True):
         assert not any("user" in key for key in header if key != "unit_of_privacy")
         assert "users_sampled" not in path.read_text()

@@ -11,6 +11,6 @@ the submodule that defines it; this package imports only the light command-line 
 
 from __future__ import annotations
 
-from benchmark.perf.cli import add_arguments, add_subparser, main
+from benchmark.perf.cli import add_subparser, main
 
-__all__ = ["add_arguments", "add_subparser", "main"]
+__all__ = ["add_subparser", "main"]

@@ -2,7 +2,7 @@
 
 ``popri perf --output DIR [--quick] [--only NAME ...] [--size KEY=VALUE ...] [--threads N]
 [--peer-python NAME=PATH ...]`` writes ``DIR/perf.json`` and ``DIR/perf.md``. ``popri/cli.py`` registers it with
-:func:`add_subparser`; :func:`add_arguments` and :func:`main` also serve ``popri bench perf`` while that mode exists.
+:func:`add_subparser`.
 """
 
 from __future__ import annotations
@@ -73,11 +73,6 @@ def _add_perf_flags(group: Any, *, short_names: bool) -> None:
         metavar="DIR",
         help="perf: where peers cache the models they convert (default: CACHE_DIR/peers)",
     )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags ``popri bench perf`` adds to ``popri bench`` (it also uses --output, --seed, --cache-dir)."""
-    _add_perf_flags(parser.add_argument_group("perf mode"), short_names=False)
 
 
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:

@@ -595,7 +595,7 @@ def bench_round(assets: PerfAssets, sizes: PerfSizes, *, seed: int, cache_dir: s
         "node_setup_s": round(node_s, 3),
         "round_s": round(total_s, 3),
         "seconds": record["seconds"],
-        "users": int(record.get("users_sampled", 0)),
+        "users": scorer.num_users,  # the harness's own node (q = 1): not a run's release
         "pairs": int(record.get("pairs", 0)),
         "prompts": config.generation.prompts,
         "samples_per_prompt": config.generation.samples_per_prompt,

@@ -292,6 +292,13 @@ class RunConfig:
             "in a row"
         },
     )
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "experiment tracker for the per-round metrics (rounds.jsonl keys): 'none', 'tensorboard' "
+            "(pip install tensorboard; DIR/tensorboard) or 'wandb' (if installed)"
+        },
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -301,6 +308,11 @@ class RunConfig:
         _check(self.reply_timeout > 0, "reply-timeout", "must be > 0")
         _check(self.prepare_timeout > 0, "prepare-timeout", f"must be > 0, got {self.prepare_timeout}")
         _check(self.max_discarded_rounds >= 0, "max-discarded-rounds", f"must be >= 0, got {self.max_discarded_rounds}")
+        _check(
+            self.report_to in ("none", "tensorboard", "wandb"),
+            "report-to",
+            f"use 'none', 'tensorboard' or 'wandb', got {self.report_to!r}",
+        )
         _check(
             self.train.rejected_rank < self.generation.samples_per_prompt,
             "rejected-rank",

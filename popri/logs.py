@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from popri.config import ConfigError
+
 PROJECT_LOGGERS = ("popri", "server", "client", "benchmark", "__main__")
 # Third-party messages that say nothing a popri user can act on: file only (unless verbose).
 CONSOLE_NOISE = (
@@ -177,12 +179,16 @@ def make_tracker(report_to: str, run_dir: Path, *, config: dict[str, Any] | None
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise RuntimeError("--report-to tensorboard needs tensorboard: pip install tensorboard") from None
+            raise ConfigError(
+                "invalid config key 'report-to': 'tensorboard' needs tensorboard (pip install -e '.[track]')"
+            ) from None
         return MetricsTracker(SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard")))
     if report_to == "wandb":
         try:
             import wandb
         except ImportError:
-            raise RuntimeError("--report-to wandb needs the wandb package: pip install wandb") from None
+            raise ConfigError(
+                "invalid config key 'report-to': 'wandb' needs the wandb package (pip install wandb)"
+            ) from None
         return MetricsTracker(wandb.init(project="popri", dir=str(run_dir), config=config or {}))
-    raise ValueError(f"--report-to: use 'none', 'tensorboard' or 'wandb', got {report_to!r}")
+    raise ConfigError(f"invalid config key 'report-to': use 'none', 'tensorboard' or 'wandb', got {report_to!r}")

@@ -26,10 +26,11 @@ from popri import artifacts
 from popri import checkpoint as ckpt
 from popri.assets import generator_dir, load_generator
 from popri.card import PrivacyCard, write_synthetic_dataset
-from popri.config import ConfigError, RunConfig
+from popri.config import ConfigError, RunConfig, config_to_flat
 from popri.data import load_user_data, split_users
 from popri.export import write_generator
 from popri.generation import build_prompts, make_initial_set, sample_completions
+from popri.logs import make_tracker
 from popri.preferences import PreferencePair, build_pairs, random_pairs
 from popri.privacy import BudgetExceededError
 from popri.release import CentralRelease, Collect, Release, ReleaseStrategy, SecureCollect, SecureRelease
@@ -389,6 +390,7 @@ class PopriRun:
             c.privacy.sample_rate,
             " (CONTROL: random pairs, no private data)" if c.control else "",
         )
+        tracker = make_tracker(c.report_to, self.out, config=config_to_flat(c))
         bar = tqdm(total=c.rounds, initial=self.start_round, desc="rounds", disable=not self.progress, unit="round")
         self._rounds_bar = bar
         discarded_in_a_row = 0
@@ -427,6 +429,8 @@ class PopriRun:
                 continue
             discarded_in_a_row = 0
             bar.update(1)
+            if tracker is not None:
+                tracker.log(record)
             extra = ""
             if "diagnostics/val_similarity" in record:
                 extra = f" val_similarity={record['diagnostics/val_similarity']:.4f} (non-private)"
@@ -444,6 +448,8 @@ class PopriRun:
             )
         bar.close()
         self._rounds_bar = None
+        if tracker is not None:
+            tracker.close()
         self.finish()
         return self.privacy_summary()
 

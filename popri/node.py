@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from popri.config import ConfigError, RunConfig
+from popri.config import ConfigError, RunConfig, delta_warning
 from popri.data import DataFormatError, UserData, load_user_data, partition_users, read_user_file, split_users
 from popri.embedding import cached_user_sums
 from popri.privacy import compute_epsilon, noise_share_std, poisson_sample
@@ -557,4 +557,8 @@ def prepare_node(config: RunConfig, source: NodeSource, *, cache_dir: Path, prog
             raise NodeRefusal(NodeErrorCode.DATA_UNAVAILABLE, f"cannot read this node's data: {err}") from err
         _PREPARED[key] = NodeScorer.from_users(None, users, cache_dir=cache_dir, progress=progress)
         logger.info("node prepared: private embedding sums ready")
+        # The federation has at least this node's users, so δ >= 1/(node's users) means δ >= 1/(everyone): warn
+        # here, in the node's own log (the server never learns the count).
+        if warning := delta_warning(config.privacy.delta, _PREPARED[key].num_users):
+            logger.warning("%s", warning)
     return _PREPARED[key]

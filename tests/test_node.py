@@ -431,3 +431,25 @@ def test_two_names_of_one_file_give_one_source_descriptor(tmp_path):
 
     # Assert: the server sees the overlap
     assert direct == aliased
+
+
+def test_a_node_warns_in_its_own_log_when_delta_is_not_below_one_over_its_users(tmp_path, caplog) -> None:
+    # Prepare: 3 users on this node and delta = 0.5 >= 1/3 (so delta >= 1/(every user in the federation) too)
+    import logging
+
+    from popri.config import config_from_flat
+    from popri.node import NodeSource, prepare_node
+
+    data = tmp_path / "users.jsonl"
+    data.write_text("".join(f'{{"user": "u{i}", "text": "a line of text number {i} here"}}\n' for i in range(3)))
+    config = config_from_flat({"data": str(data), "delta": 0.5, "min-text-chars": 5})
+    source = NodeSource.from_node_config({"data-path": str(data)})
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="popri.node"):
+        prepare_node(config, source, cache_dir=tmp_path / "cache", progress=False)
+
+    # Assert: the warning names delta and states no count
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("delta=0.5 is not below 1/(number of users)" in w for w in warnings)
+    assert not any("3" in w.replace("delta=0.5", "") for w in warnings)

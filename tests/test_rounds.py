@@ -295,3 +295,33 @@ def test_config_json_is_written_through_the_atomic_writer(tmp_path: Path, monkey
     # Assert
     assert "config.json" in written
     assert json.loads((out / "config.json").read_text())["prompts"] == 3
+
+
+def test_the_tracker_gets_every_completed_round_and_is_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a tracker that remembers what it was given; round 1's first attempt is discarded
+    logged: list[dict[str, Any]] = []
+    closed: list[bool] = []
+
+    class Tracker:
+        def log(self, record: dict[str, Any]) -> None:
+            logged.append(record)
+
+        def close(self) -> None:
+            closed.append(True)
+
+    monkeypatch.setattr("popri.loop.make_tracker", lambda report_to, run_dir, *, config: Tracker())
+    attempts = {"n": 0}
+
+    def flaky(embeddings: np.ndarray, t: int, q: float) -> list[NodeReply]:
+        attempts["n"] += 1
+        return [] if attempts["n"] == 1 else _honest(embeddings, t, q)
+
+    config = dataclasses.replace(_config(tmp_path / "run", rounds=2), report_to="tensorboard")
+
+    # Execute
+    with PopriRun(config, progress=False, parts=_parts()) as run:
+        run.run(flaky)
+
+    # Assert: one record per private round, the discarded attempt left out, then closed once
+    assert [r["round"] for r in logged] == [1, 2] and not any(r.get("discarded") for r in logged)
+    assert closed == [True]

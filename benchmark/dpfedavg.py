@@ -231,6 +231,7 @@ class UserLevelDPFedAvg(FedAvg):
         self.sampled: set[int] = set()
         self.bytes_down = 0
         self.bytes_up = 0
+        self.last_round_users = 0  # in memory only: a count of users is private under user-level DP
 
     @property
     def noise_std_on_mean(self) -> float:
@@ -301,6 +302,7 @@ class UserLevelDPFedAvg(FedAvg):
             new.append((c.astype(np.float64) + scale * noisy).astype(c.dtype))
         arrays = ArrayRecord({k: Array(a) for k, a in zip(self.current.keys(), new, strict=True)})
         # The number of users is private under user-level DP: it stays in memory (the duplicate check), never logged.
+        self.last_round_users = len(claimed)
         metrics = MetricRecord({"rejected-replies": rejected, "epsilon": epsilon})
         logger.info("round %d: epsilon spent %.4f", server_round, epsilon)
         return arrays, metrics

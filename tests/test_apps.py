@@ -161,9 +161,12 @@ def test_round_with_too_few_replies_is_discarded_and_not_charged(tiny_model_dir,
 def test_a_discarded_round_is_redone_and_the_requested_private_rounds_are_kept(
     tiny_model_dir, user_file, tmp_path, caplog
 ):
-    # Prepare: node 102 misses round 1's first attempt only; the round needs both nodes
+    # Prepare: node 102 misses round 1's first attempt only; the round needs both nodes (the in-process grid
+    # delivers at once, so a short reply deadline loses no reply that would come)
     out = tmp_path / "run"
-    cfg = tiny_run_config(tiny_model_dir, user_file, out, **{"min-replies": 2, "final-samples": 0})
+    cfg = tiny_run_config(
+        tiny_model_dir, user_file, out, **{"min-replies": 2, "final-samples": 0, "reply-timeout": 1.0}
+    )
     missed = {"n": 0}
 
     def miss_once(node_id, reply):

@@ -122,7 +122,7 @@ def test_server_sums_user_updates_and_divides_by_fixed_denominator() -> None:
 
     # Assert: θ + (S_A + S_B)/(q·N); a node's reply of norm 2 is NOT clipped to C=1 (it holds 2 users).
     np.testing.assert_allclose(new, [1.2 / 4, 2.6 / 4], rtol=1e-6)
-    assert metrics["users"] == 3
+    assert strategy.last_round_users == 3 and "users" not in metrics  # the count stays in the server's memory
 
 
 def test_server_reclips_and_rejects_bad_replies() -> None:

@@ -122,7 +122,7 @@ def test_cli_flags_reach_the_config(tmp_path: Path) -> None:
         ]
     )
     config = cli.config_from_args(args)
-    assert args.func is cli.handle and args.mode == "run"
+    assert args.func is cli.handle
     assert config.methods == ("eps0", "popri") and config.epsilons == (2.0,)
     assert config.datasets[0].dataset == "congress" and config.datasets[0].data_file == "speeches.jsonl"
     assert config.datasets[0].max_users == 60  # the preset's other data settings are kept

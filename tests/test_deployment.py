@@ -339,9 +339,14 @@ def test_two_rounds_finish_when_a_node_is_killed_mid_round_and_it_rejoins(federa
     node2_id = federation.node_ids["node2"]
     run_id = federation.submit(output, **{"reply-timeout": REPLY_TIMEOUT, "final-samples": 0})
 
-    # Execute: SIGKILL node2 (SuperNode, SuperExec and the ClientApp scoring round 1), then restart it at once
-    _wait_for(lambda: federation.nodes["node2"].clientapps(), 180, "node2 to start scoring round 1")
-    federation.nodes["node2"].kill(signal.SIGKILL)
+    # Execute: SIGKILL node2 (SuperNode, SuperExec and the ClientApp scoring round 1, not the one that prepared its
+    # embeddings before round 1), then restart it at once
+    node2 = federation.nodes["node2"]
+    ready = f"node {node2_id} ready"
+    _wait_for(lambda: ready in federation.run_log(run_id, tail=None), 300, "node2 to prepare", poll=2.0)
+    preparing = {proc.pid for proc in node2.clientapps()}
+    _wait_for(lambda: [p for p in node2.clientapps() if p.pid not in preparing], 180, "node2 to start scoring round 1")
+    node2.kill(signal.SIGKILL)
     federation.start_node("node2")
     status = federation.wait(run_id)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from popri.config import ConfigError
 from popri.logs import (
     CONSOLE_NOISE,
     ConsoleFilter,
@@ -232,7 +233,7 @@ def test_make_tracker_refuses_unknown_backends_and_says_what_to_install(tmp_path
     try:
         import tensorboard  # noqa: F401
     except ImportError:
-        with pytest.raises(RuntimeError, match="pip install tensorboard"):
+        with pytest.raises(ConfigError, match=r"report-to.*needs tensorboard \(pip install"):
             make_tracker("tensorboard", tmp_path)
     else:
         tracker = make_tracker("tensorboard", tmp_path)

@@ -23,6 +23,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from benchmark.config import METHODS
+from popri.card import PrivacyCard, write_card
+
+# What released private data in the benchmark's PE (benchmark/pe.py), for the corpus's privacy card.
+PE_MECHANISM = (
+    "Gaussian mechanism on the sum of per-user nearest-neighbour vote vectors, each normalised to L2 norm 1 "
+    "(sensitivity 1), once per iteration"
+)
 
 if TYPE_CHECKING:
     from benchmark.downstream import EvalResult
@@ -181,7 +188,22 @@ class PrivateEvolution:
             noise_rng=noise_rng,
             progress=cfg.progress,
         )
-        write_corpus(result.corpus, replicate.folder / f"pe-eps{epsilon:g}.jsonl")
+        corpus_file = write_corpus(result.corpus, replicate.folder / f"pe-eps{epsilon:g}.jsonl")
+        card = PrivacyCard(
+            epsilon=result.epsilon,
+            delta=cfg.delta,
+            accountant=cfg.accountant,
+            noise_multiplier=result.noise_multiplier,
+            rounds=result.rounds,
+            rounds_planned=result.rounds,
+            sample_rate=1.0,
+            privacy_mode="central",
+            generator=cfg.corpus.generator,
+            noise_seeded=seeded,
+            target_epsilon=epsilon,
+            mechanism=PE_MECHANISM,
+        )
+        write_card(corpus_file.with_suffix(".card.md"), card, title=f"Private Evolution corpus, ε={epsilon:g}")
         return MethodOutput(
             epsilon_spent=result.epsilon,
             corpus=result.corpus,

@@ -86,6 +86,7 @@ class PrivacyCard:
     popri_version: str = field(default_factory=popri_version)
     popri_commit: str | None = field(default_factory=popri_commit)
     non_private: dict[str, Any] | None = None
+    mechanism: str = MECHANISM  # what released private data (POPri's by default; the benchmark's PE has its own)
 
     def __post_init__(self) -> None:
         if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon >= 0):
@@ -150,7 +151,7 @@ class PrivacyCard:
 
     def to_dict(self) -> dict[str, Any]:
         """The card's fields, plus the fixed statements (unit of privacy, mechanism), for YAML or JSON."""
-        out = {"unit_of_privacy": UNIT_OF_PRIVACY, "mechanism": MECHANISM, **dataclasses.asdict(self)}
+        out = {"unit_of_privacy": UNIT_OF_PRIVACY, **dataclasses.asdict(self)}
         if out["non_private"] is None:
             del out["non_private"]
         return out
@@ -171,8 +172,8 @@ class PrivacyCard:
             f"{subject} is ({self.epsilon:.4g}, {self.delta:.3g})-differentially private at the user level: "
             f"adding or removing all the data of one user (one (device, user id) pair) changes the probability of "
             f"any output by at most a factor e^{self.epsilon:.4g}, up to δ={self.delta:.3g}. Private data reached "
-            f"the generator only through {self.rounds} round(s) of the Gaussian mechanism on the sum of per-user "
-            f"score vectors clipped to L2 norm <= 1 (sensitivity 1), noise multiplier σ={self.noise_multiplier:.4g}, "
+            f"the generator only through {self.rounds} round(s) of the {self.mechanism}, "
+            f"noise multiplier σ={self.noise_multiplier:.4g}, "
             f"users sampled with rate q={self.sample_rate:g} ({'all users' if self.sample_rate == 1 else 'Poisson'}"
             f"); {noise_by}. ε is from Opacus' {self.accountant.upper()} accountant. Everything after the mechanism "
             "(preference pairs, DPO, sampling from the generator) is post-processing and costs no privacy."
@@ -206,7 +207,7 @@ def card_table(card: PrivacyCard) -> list[str]:
         ("δ", f"{card.delta:g}"),
         ("accountant", f"Opacus {card.accountant.upper()}"),
         ("unit of privacy", UNIT_OF_PRIVACY),
-        ("mechanism", MECHANISM),
+        ("mechanism", card.mechanism),
         ("noise multiplier σ", f"{card.noise_multiplier:.6g}"),
         ("rounds (charged / planned)", f"{card.rounds} / {card.rounds_planned}"),
         ("sampling rate q", f"{card.sample_rate:g}"),

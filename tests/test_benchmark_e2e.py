@@ -116,6 +116,12 @@ def test_every_method_end_to_end_on_tiny_models(tiny_model_dir: Path, tmp_path: 
     assert (out / "results.md").read_text().count("| POPri |") == 1 + 1 + 2  # accuracy, distribution, one per seed
     assert (out / "privacy_utility.png").exists()
     assert (out / "shakespeare" / "seed0" / "popri-eps2" / "privacy.json").exists()
+    # every private corpus travels with its privacy card: POPri's run writes one, PE's is written beside its corpus
+    assert (
+        "Gaussian mechanism" in (out / "shakespeare" / "seed0" / "popri-eps2" / "synthetic" / "README.md").read_text()
+    )
+    pe_card = (out / "shakespeare" / "seed0" / "pe-eps2.card.md").read_text()
+    assert "nearest-neighbour vote vectors" in pe_card and "epsilon: " in pe_card
 
     # Execute again with resume: nothing runs again, the table is unchanged.
     again = run_benchmark(dataclasses.replace(config, resume=True))  # type: ignore[type-var]

@@ -284,8 +284,14 @@ def write_user_jsonl(data: UserData, path: Path) -> Path:
     """Save users in popri's user format (how the POPri run receives exactly the private train split)."""
     import json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for j, text in enumerate(data.texts):
-            fh.write(json.dumps({"user": data.users[int(data.owner[j])], "text": text}) + "\n")
+    from popri.checkpoint import atomic_write_text
+
+    # ASCII-escaped JSON, one record a line, as before (write_jsonl would write unescaped UTF-8).
+    atomic_write_text(
+        path,
+        "".join(
+            json.dumps({"user": data.users[int(o)], "text": t}) + "\n"
+            for t, o in zip(data.texts, data.owner, strict=True)
+        ),
+    )
     return path

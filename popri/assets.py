@@ -11,12 +11,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from popri.checkpoint import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +57,13 @@ def _convert_smollm2(target: Path) -> None:
     model.hf_quantizer = None  # the weights are dequantized now; this lets save_pretrained write them
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     except OSError:
-        if not target.exists():
+        if not target.exists():  # else another process converted it first: use theirs
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def generator_dir(model: str = SMOLLM2, *, cache_dir: Path | None = None) -> Path:

@@ -308,8 +308,14 @@ class LoraDPO:
         return merged.to(dtype) if dtype is not None else merged
 
     def save_adapter(self, directory: Path) -> Path:
-        """The adapter alone in peft's format (adapter_config.json, safetensors), e.g. for a vLLM engine."""
-        self.policy.save_pretrained(str(directory))
+        """The adapter alone in peft's format (adapter_config.json, safetensors), e.g. for a vLLM engine.
+
+        Written into a temporary folder that replaces ``directory`` whole: a crash leaves the old adapter or none.
+        """
+        from popri.checkpoint import atomic_dir
+
+        with atomic_dir(Path(directory)) as tmp:
+            self.policy.save_pretrained(str(tmp))
         return directory
 
     def state_dict(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from benchmark.perf.schema import PerfSizes
+from popri.checkpoint import atomic_write_text
 from popri.config import GenerationConfig, TrainConfig
 from popri.data import UserData
 from popri.generation import sample_completions
@@ -127,7 +128,7 @@ def _samples_key(prompts: list[str], sizes: PerfSizes, seed: int) -> list[Any]:
 def save_samples(output: Path, prompts: list[str], samples: list[str], sizes: PerfSizes, *, seed: int) -> None:
     """popri's samples of the generation run, reused as DPO pairs by a later ``--only dpo`` run."""
     data = {"key": _samples_key(prompts, sizes, seed), "samples": samples}
-    (output / "samples.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    atomic_write_text(output / "samples.json", json.dumps(data, ensure_ascii=False))
 
 
 def load_json(path: Path) -> dict[str, Any]:

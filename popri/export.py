@@ -186,5 +186,7 @@ def add_subparser(subparsers: Any) -> None:
     )
     p.add_argument("--run", required=True, help="the --output folder of a finished popri run")
     p.add_argument("--merged", required=True, help="new folder for the merged model")
-    p.add_argument("--cache-dir", help="where the packaged base model is converted (default ~/.cache/popri)")
+    p.add_argument(
+        "--cache-dir", help="where the packaged base model is converted (default $POPRI_CACHE or ~/.cache/popri)"
+    )
     p.set_defaults(func=_cmd_export)

@@ -3,7 +3,10 @@ LoRA config, the in-process launcher."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 
 def test_benchmark_bytes_per_round_are_the_bytes_of_the_messages_the_apps_send() -> None:
@@ -44,3 +47,40 @@ def test_private_texts_and_synthetic_samples_are_cut_by_the_same_rule() -> None:
     assert private_cut == synthetic_cut
     assert private_cut[0] == "h"  # shrunk to a cut that round-trips, not 'h' plus a broken byte
     assert all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) <= budget for t in private_cut)
+
+
+def test_every_cache_default_is_the_one_default_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare
+    from benchmark.config import BenchConfig
+    from popri.config import RunConfig, default_cache_dir
+
+    monkeypatch.setenv("POPRI_CACHE", str(tmp_path / "env-cache"))
+
+    # Execute
+    defaults = {default_cache_dir(), RunConfig().resolved_cache_dir(), BenchConfig().resolved_cache_dir()}
+    configured = {
+        default_cache_dir(str(tmp_path / "mine")),
+        RunConfig(cache_dir=str(tmp_path / "mine")).resolved_cache_dir(),
+        BenchConfig(cache_dir=str(tmp_path / "mine")).resolved_cache_dir(),
+    }
+
+    # Assert: the environment names the default, a configured folder wins over it
+    assert defaults == {tmp_path / "env-cache"}
+    assert configured == {tmp_path / "mine"}
+
+
+def test_the_default_cache_dir_without_the_environment_is_under_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare
+    from popri.config import default_cache_dir
+
+    monkeypatch.delenv("POPRI_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+    # Execute
+    default, tilde = default_cache_dir(), default_cache_dir("~/elsewhere")
+
+    # Assert
+    assert default == tmp_path / ".cache" / "popri"
+    assert tilde == tmp_path / "elsewhere"

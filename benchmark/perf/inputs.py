@@ -14,7 +14,7 @@ import torch
 
 from benchmark.perf.schema import PerfSizes
 from popri.checkpoint import atomic_write_text
-from popri.config import GenerationConfig, TrainConfig
+from popri.config import GenerationConfig, TrainConfig, default_cache_dir
 from popri.data import UserData
 from popri.generation import sample_completions
 
@@ -54,7 +54,6 @@ class PerfAssets:
 def load_default_assets(*, cache_dir: Path | None, cache_users: int, seed: int) -> PerfAssets:
     """SmolLM2-135M-Instruct (float32, best device), all-MiniLM-L6-v2 and Shakespeare users, all packaged."""
     from popri.assets import generator_dir, load_generator, smollm2_gguf_path
-    from popri.config import RunConfig
     from popri.data import load_user_data
     from popri.embedding import load_embedder
     from popri.generation import make_initial_set
@@ -71,7 +70,7 @@ def load_default_assets(*, cache_dir: Path | None, cache_users: int, seed: int) 
         max_new_tokens=g.max_new_tokens,
         token_budget=g.token_budget,
         seed=seed,
-        cache_dir=cache_dir or RunConfig().resolved_cache_dir(),
+        cache_dir=default_cache_dir(cache_dir),
         model_id=g.model,
     )
     return PerfAssets(

@@ -84,3 +84,34 @@ def test_the_default_cache_dir_without_the_environment_is_under_home(
     # Assert
     assert default == tmp_path / ".cache" / "popri"
     assert tilde == tmp_path / "elsewhere"
+
+
+def test_the_policy_the_trl_peer_and_the_lora_downstream_share_one_lora_config() -> None:
+    # Prepare
+    import copy
+
+    from benchmark.config import DownstreamConfig
+    from benchmark.downstream import with_lora
+    from benchmark.perf.peers import popri_lora_config
+    from popri.config import TrainConfig
+    from popri.dpo import LoraDPO
+    from tests.tiny_models import byte_tokenizer, tiny_causal_lm
+
+    tokenizer = byte_tokenizer()
+    base = tiny_causal_lm(tokenizer)
+    policy = LoraDPO(copy.deepcopy(base), tokenizer, config=TrainConfig(lora_r=8, lora_alpha=4))
+    downstream = with_lora(copy.deepcopy(base), DownstreamConfig(lora_r=8, lora_alpha=4, dropout=0.0), seed=0)
+
+    # Execute
+    configs = [
+        policy.policy.peft_config["default"],
+        popri_lora_config(policy),
+        downstream.peft_config["default"],
+    ]
+
+    # Assert: the same rank, scale, dropout, bias and task; the policy and the downstream adapt the same modules
+    fields = [(c.r, c.lora_alpha, c.lora_dropout, c.bias, str(c.task_type)) for c in configs]
+    assert fields == [(8, 4, 0.0, "none", "CAUSAL_LM")] * 3
+    assert popri_lora_config(policy).target_modules == "all-linear"
+    adapted = [set(c.target_modules) for c in (configs[0], configs[2])]
+    assert adapted[0] == adapted[1] and adapted[0]

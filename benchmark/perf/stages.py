@@ -392,7 +392,7 @@ def bench_dpo(
     checkpointing). ``fp32``: both in float32, TRL without gradient checkpointing (the like-for-like precision row).
     """
     from popri.config import TrainConfig
-    from popri.dpo import LoraDPO
+    from popri.dpo import LoraDPO, lora_config
 
     config = TrainConfig(batch_size=sizes.dpo_batch, precision="fp32" if fp32 else "bf16")
     base = copy.deepcopy(assets.model).to(torch.float32 if fp32 else torch.bfloat16)
@@ -400,7 +400,7 @@ def bench_dpo(
     trl_setup: list[float] = []
     trl_losses: list[float] = []
     trainers: list[Any] = []
-    lora = popri_lora_config(LoraDPO(copy.deepcopy(base), assets.tokenizer, config=config))
+    lora = lora_config(r=config.lora_r, alpha=config.lora_alpha)  # the policy's own LoRA (popri.dpo.lora_config)
 
     def run_popri() -> dict[str, float]:
         dpo = LoraDPO(copy.deepcopy(base), assets.tokenizer, config=config)

@@ -21,7 +21,7 @@ from typing import Any
 
 from benchmark.config import BenchConfig, DataSpec
 from benchmark.corpus import read_corpus
-from server.grid import InProcessGrid
+from server.grid import run_in_process, simulated_node_configs
 from server.messages import query_bytes, score_reply_bytes
 
 logger = logging.getLogger(__name__)
@@ -71,21 +71,10 @@ def popri_flat_config(
 
 
 def _run_inprocess(flat: dict[str, Any], *, num_nodes: int, progress: bool, resume: bool) -> None:
-    from flwr.app import Context, RecordDict
-
     from client.app import make_client_app
-    from server.app import make_server_app
 
-    overrides = {**flat, "progress": progress, "resume": resume}
-    errors: list[BaseException] = []
-    grid = InProcessGrid(
-        make_client_app(overrides),
-        {100 + pid: {"partition-id": pid, "num-partitions": num_nodes} for pid in range(num_nodes)},
-    )
-    server_app = make_server_app(overrides, errors)
-    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
-    if errors:
-        raise errors[0]
+    run_config = {**flat, "progress": progress, "resume": resume}
+    run_in_process(make_client_app(), simulated_node_configs(num_nodes), run_config)
 
 
 def _run_simulation(flat: dict[str, Any], *, progress: bool, resume: bool) -> None:

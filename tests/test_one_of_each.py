@@ -115,3 +115,27 @@ def test_the_policy_the_trl_peer_and_the_lora_downstream_share_one_lora_config()
     assert popri_lora_config(policy).target_modules == "all-linear"
     adapted = [set(c.target_modules) for c in (configs[0], configs[2])]
     assert adapted[0] == adapted[1] and adapted[0]
+
+
+def test_run_in_process_runs_the_apps_on_simulated_nodes_and_raises_the_server_error(
+    tiny_model_dir: Path, user_file: Path, tmp_path: Path
+) -> None:
+    # Prepare
+    from client.app import make_client_app
+    from server.grid import run_in_process, simulated_node_configs
+    from tests.helpers import tiny_run_config
+
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tiny_model_dir, user_file, out, rounds=1, **{"final-samples": 0})
+    nodes = simulated_node_configs(2)
+
+    # Execute
+    grid = run_in_process(make_client_app(), nodes, cfg)
+
+    # Assert: both nodes were asked (prepare, then score), the run finished, and a second run into the same folder
+    # raises the ServerApp's own error here
+    assert nodes == {100: {"partition-id": 0, "num-partitions": 2}, 101: {"partition-id": 1, "num-partitions": 2}}
+    assert set(grid.contexts) == set(nodes) and grid.sent >= 2 * len(nodes)
+    assert (out / "privacy.json").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_in_process(make_client_app(), nodes, cfg)

@@ -69,7 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="run POPri over an in-process Flower grid (default) or Flower's Ray simulation",
     )
-    parser.add_argument("--cache-dir", default=None, help="model and embedding cache (default ~/.cache/popri)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="model and embedding cache (default $POPRI_CACHE or ~/.cache/popri)"
+    )
     parser.add_argument(
         "--set",
         action="append",

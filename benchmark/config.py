@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from popri.config import ConfigError, split_assignment
+from popri.config import ConfigError, default_cache_dir, split_assignment
 
 METHODS: tuple[str, ...] = ("eps0", "epsinf", "oracle", "dpfedavg", "pe", "popri")
 PRIVATE_METHODS: tuple[str, ...] = ("dpfedavg", "pe", "popri")
@@ -318,7 +318,7 @@ class BenchConfig:
         return Path(self.output)
 
     def resolved_cache_dir(self) -> Path:
-        return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "popri"
+        return default_cache_dir(self.cache_dir)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view (saved in results.json so a table can be traced to its settings)."""

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from benchmark.config import CorpusConfig
+from popri.checkpoint import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +139,7 @@ def generate_corpus_resumable(
 
 def write_seconds(artifact: Path, seconds: float) -> None:
     """Remember how long an artifact took, so a resumed run still reports honest wall seconds."""
-    artifact.parent.mkdir(parents=True, exist_ok=True)
-    artifact.with_name(artifact.name + ".seconds.json").write_text(json.dumps({"seconds": seconds}) + "\n")
+    atomic_write_text(artifact.with_name(artifact.name + ".seconds.json"), json.dumps({"seconds": seconds}) + "\n")
 
 
 def read_seconds(artifact: Path) -> float:
@@ -148,10 +148,7 @@ def read_seconds(artifact: Path) -> float:
 
 
 def write_corpus(texts: list[str], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for text in texts:
-            fh.write(json.dumps({"text": text}) + "\n")
+    atomic_write_text(path, "".join(json.dumps({"text": text}) + "\n" for text in texts))  # ASCII-escaped, as before
     return path
 
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from benchmark.config import DataSpec
 from popri.data import UserData, from_records, load_user_data, read_user_file
+from popri.generation import truncate_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -174,10 +175,9 @@ def load_users(spec: DataSpec, *, seed: int) -> UserData:
     return data
 
 
-def truncate_to_budget(texts: list[str], tokenizer: Any, budget: int) -> list[str]:
-    """Each text cut to at most ``budget`` tokens (decoded back to text, so every consumer sees the same string)."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [t if len(i) <= budget else tokenizer.decode(i[:budget]).strip() for t, i in zip(texts, ids, strict=True)]
+# Private texts are cut by the same rule as synthetic samples (decoded back to text, so every consumer sees the same
+# string): popri.generation.truncate_tokens, under the name the benchmark has always used.
+truncate_to_budget = truncate_tokens
 
 
 def _normalise(text: str) -> str:
@@ -256,7 +256,7 @@ def split_users(
 
 
 def truncate_users(data: UserData, tokenizer: Any, budget: int) -> UserData:
-    return UserData(users=data.users, texts=truncate_to_budget(data.texts, tokenizer, budget), owner=data.owner)
+    return UserData(users=data.users, texts=truncate_tokens(data.texts, tokenizer, budget), owner=data.owner)
 
 
 def dataset_name(spec: DataSpec) -> str:
@@ -284,8 +284,14 @@ def write_user_jsonl(data: UserData, path: Path) -> Path:
     """Save users in popri's user format (how the POPri run receives exactly the private train split)."""
     import json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for j, text in enumerate(data.texts):
-            fh.write(json.dumps({"user": data.users[int(data.owner[j])], "text": text}) + "\n")
+    from popri.checkpoint import atomic_write_text
+
+    # ASCII-escaped JSON, one record a line, as before (write_jsonl would write unescaped UTF-8).
+    atomic_write_text(
+        path,
+        "".join(
+            json.dumps({"user": data.users[int(o)], "text": t}) + "\n"
+            for t, o in zip(data.texts, data.owner, strict=True)
+        ),
+    )
     return path

@@ -115,15 +115,11 @@ def with_lora(pretrained: Any, config: DownstreamConfig, *, seed: int) -> Any:
     This is the downstream of the POPri paper's evaluation in spirit (it fine-tunes a *pretrained* small LM) and how
     DP federated learning of pretrained models is done today (only the adapter is trained, clipped and sent).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.dropout,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
+    from popri.dpo import lora_config
+
+    lora = lora_config(r=config.lora_r, alpha=config.lora_alpha, dropout=config.dropout)
     pretrained.train()
     with seeded_torch(torch.Generator().manual_seed(seed)):  # the adapter's random init
         return get_peft_model(pretrained, lora)

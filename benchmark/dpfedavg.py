@@ -52,7 +52,7 @@ from benchmark.config import DPFedAvgConfig
 from benchmark.downstream import seeded_torch, sequence_loss, trainable_parameters
 from popri.data import partition_users
 from popri.privacy import PrivacyLedger, calibrate_noise, gaussian_mechanism, poisson_sample
-from server.grid import InProcessGrid
+from server.grid import InProcessGrid, simulated_node_configs
 
 logger = logging.getLogger(__name__)
 
@@ -370,10 +370,7 @@ def run_dpfedavg(
     client_app = make_client_app(
         lambda ctx: nodes[int(ctx.node_config["partition-id"])], model_factory, pad=pad, seed=seed
     )
-    grid = InProcessGrid(
-        client_app,
-        {100 + pid: {"partition-id": pid, "num-partitions": config.num_nodes} for pid in range(config.num_nodes)},
-    )
+    grid = InProcessGrid(client_app, simulated_node_configs(config.num_nodes))
     with _quiet_flower():
         strategy = UserLevelDPFedAvg(
             num_users=num_users,

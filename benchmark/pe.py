@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from benchmark.config import PEConfig
 from benchmark.corpus import Generator, generate_from_examples
+from popri.checkpoint import atomic_write_npy
 from popri.privacy import PrivacyLedger, calibrate_noise, gaussian_mechanism
 
 logger = logging.getLogger(__name__)
@@ -178,6 +179,5 @@ def cached_text_embeddings(
             return emb
     emb = embed_texts(embedder, texts, progress=progress)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache, emb)
+        atomic_write_npy(cache, emb)
     return emb

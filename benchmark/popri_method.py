@@ -21,7 +21,8 @@ from typing import Any
 
 from benchmark.config import BenchConfig, DataSpec
 from benchmark.corpus import read_corpus
-from server.grid import InProcessGrid
+from server.grid import run_in_process, simulated_node_configs
+from server.messages import query_bytes, score_reply_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -70,21 +71,10 @@ def popri_flat_config(
 
 
 def _run_inprocess(flat: dict[str, Any], *, num_nodes: int, progress: bool, resume: bool) -> None:
-    from flwr.app import Context, RecordDict
-
     from client.app import make_client_app
-    from server.app import make_server_app
 
-    overrides = {**flat, "progress": progress, "resume": resume}
-    errors: list[BaseException] = []
-    grid = InProcessGrid(
-        make_client_app(overrides),
-        {100 + pid: {"partition-id": pid, "num-partitions": num_nodes} for pid in range(num_nodes)},
-    )
-    server_app = make_server_app(overrides, errors)
-    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
-    if errors:
-        raise errors[0]
+    run_config = {**flat, "progress": progress, "resume": resume}
+    run_in_process(make_client_app(), simulated_node_configs(num_nodes), run_config)
 
 
 def _run_simulation(flat: dict[str, Any], *, progress: bool, resume: bool) -> None:
@@ -112,13 +102,15 @@ class PopriResult:
 
 
 def client_bytes_per_round(*, prompts: int, samples_per_prompt: int, embedding_dim: int) -> tuple[int, int]:
-    """(down, up) bytes for one client per round, from the message shapes popri sends.
+    """(down, up) bytes for one client per round: :func:`server.messages.query_bytes` and
+    :func:`server.messages.score_reply_bytes`, counted on the very records the apps send.
 
-    Down: the K·J × d sample embeddings as float32 (server/app.py ``query_nodes``). Up: the K·J clipped score sum as
-    float64 (client/app.py). Message framing is not counted, for any method.
+    Down: the ``query.score`` message (K·J × d float32 sample embeddings and its round config). Up: its reply (the
+    K·J float64 clipped score sum, the user count and the source tag). Transport framing is not counted, for any
+    method.
     """
     n = prompts * samples_per_prompt
-    return n * embedding_dim * 4, n * 8
+    return query_bytes(num_samples=n, dim=embedding_dim), score_reply_bytes(num_samples=n)
 
 
 def run_popri_method(

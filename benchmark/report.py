@@ -19,7 +19,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from benchmark.stats import mean_ci95, paired_bootstrap_difference, verdict
+from popri.checkpoint import atomic_open, atomic_write_text
 
 METHOD_LABELS = {
     "eps0": "ε=0 (public only)",
@@ -195,16 +195,8 @@ def environment() -> dict[str, Any]:
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def write_results_json(path: Path, results: dict[str, Any]) -> None:
-    _atomic_write(path, json.dumps(_jsonable(results), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(_jsonable(results), indent=2, ensure_ascii=False) + "\n")
 
 
 def read_results_json(path: Path) -> dict[str, Any]:
@@ -370,7 +362,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def write_markdown(path: Path, results: dict[str, Any]) -> None:
-    _atomic_write(path, markdown_table(results) + "\n")
+    atomic_write_text(path, markdown_table(results) + "\n")
 
 
 def _yerr(entries: list[dict[str, Any]]) -> np.ndarray:
@@ -432,9 +424,11 @@ def plot_privacy_utility(path: Path, results: dict[str, Any]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_open(path) as fh:
+            fig.savefig(fh, format=path.suffix.lstrip(".") or "png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def write_all(output: Path, results: dict[str, Any]) -> None:

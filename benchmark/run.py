@@ -45,6 +45,7 @@ from benchmark.downstream import (
     trainable_parameters,
 )
 from benchmark.methods import REGISTRY, MethodOutput
+from popri.checkpoint import atomic_open
 
 logger = logging.getLogger(__name__)
 
@@ -362,8 +363,8 @@ class Benchmark:
             progress=self.config.progress,
             desc=f"public base (seed {seed})",
         )
-        base_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({n: p.detach().cpu() for n, p in trainable_parameters(base)}, base_path)
+        with atomic_open(base_path) as fh:
+            torch.save({n: p.detach().cpu() for n, p in trainable_parameters(base)}, fh)
         rep.base_model = base
         base_test = evaluate(base, prep.test, pad=prep.special.pad, batch_size=self.config.downstream.eval_batch_size)
         info = {

@@ -83,6 +83,9 @@ def write_app(directory: Path, overrides: Mapping[str, Any] | None = None, *, ve
         "[tool.flwr.app.config]",
         *(f"{k} = {toml_value(v)}" for k, v in config.items()),
     ]
-    (directory / "pyproject.toml").write_text("\n".join(lines) + "\n")
-    tomllib.loads((directory / "pyproject.toml").read_text())
+    text = "\n".join(lines) + "\n"
+    tomllib.loads(text)  # never leave a broken file behind
+    from popri.checkpoint import atomic_write_text  # inside: popri.checkpoint loads torch, deploy stays light
+
+    atomic_write_text(directory / "pyproject.toml", text)
     return directory

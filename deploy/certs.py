@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,13 +47,16 @@ class Certificates:
         return all(p.exists() for p in (self.ca_cert, self.server_cert, self.server_key))
 
 
+def _write_file(path: Path, data: bytes, *, mode: int) -> None:
+    """Write atomically with ``mode`` set before the rename (a secret is never on disk more readable)."""
+    from popri.checkpoint import atomic_write_bytes  # inside: popri.checkpoint loads torch, deploy stays light
+
+    atomic_write_bytes(path, data, mode=mode)
+
+
 def _write_private(path: Path, data: bytes) -> None:
     """Write a secret file readable by its owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(path, 0o600)
+    _write_file(path, data, mode=0o600)
 
 
 def san_entries(hosts: Sequence[str] = ()) -> list[str]:
@@ -177,8 +179,8 @@ def write_certificates(
     certs.directory.mkdir(parents=True, exist_ok=True)
     _write_private(certs.ca_key, ca_key.private_bytes(**pem_key))
     _write_private(certs.server_key, server_key.private_bytes(**pem_key))
-    certs.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    certs.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_file(certs.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    _write_file(certs.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
     logger.info("wrote %s (SAN %s)", certs.directory, ", ".join(sans))
     return certs
 
@@ -218,8 +220,10 @@ def write_node_keys(directory: Path, name: str, *, overwrite: bool = False) -> t
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
         ),
     )
-    public.write_bytes(
+    _write_file(
+        public,
         key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        + f" popri-{name}\n".encode()
+        + f" popri-{name}\n".encode(),
+        mode=0o644,
     )
     return private, public

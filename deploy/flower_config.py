@@ -75,6 +75,7 @@ def write_federation(home: Path, name: str, address: str, root_certificates: Pat
     else:
         text = text.rstrip("\n") + "\n\n" + block
     tomllib.loads(text)  # never leave a broken file behind
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    from popri.checkpoint import atomic_write_text  # inside: popri.checkpoint loads torch, deploy stays light
+
+    atomic_write_text(path, text)
     return path

@@ -8,7 +8,6 @@ neighbouring data sets.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -96,12 +95,8 @@ def plot_rounds(records: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # savefig writes in place: render to a temporary name, then rename (atomic like every other artifact).
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    ckpt.fsync_dir(path.parent)
+    try:
+        with ckpt.atomic_open(path) as fh:  # savefig writes in place: atomic like every other artifact
+            fig.savefig(fh, format="png", dpi=100)
+    finally:
+        plt.close(fig)

@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from popri.checkpoint import atomic_dir
+from popri.config import default_cache_dir
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("POPRI_CACHE", Path.home() / ".cache" / "popri"))
 
 
 def _package_dir(name: str, install_hint: str) -> Path:
@@ -57,17 +53,13 @@ def _convert_smollm2(target: Path) -> None:
     model.hf_quantizer = None  # the weights are dequantized now; this lets save_pretrained write them
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     except OSError:
-        if not target.exists():
+        if not target.exists():  # else another process converted it first: use theirs
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def generator_dir(model: str = SMOLLM2, *, cache_dir: Path | None = None) -> Path:
@@ -77,7 +69,7 @@ def generator_dir(model: str = SMOLLM2, *, cache_dir: Path | None = None) -> Pat
         if not path.is_dir():
             raise RuntimeError(f"generator model {model!r} is neither 'smollm2' nor a local model folder")
         return path
-    target = (cache_dir or default_cache_dir()) / "smollm2-135m-instruct"
+    target = default_cache_dir(cache_dir) / "smollm2-135m-instruct"
     if not (target / "config.json").exists():
         _convert_smollm2(target)
     return target

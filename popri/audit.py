@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import math
 import subprocess
@@ -79,6 +78,7 @@ import numpy as np
 from scipy import optimize, stats
 from tqdm import tqdm
 
+from popri.checkpoint import atomic_open, atomic_write_json, atomic_write_text
 from popri.config import ConfigError, PrivacyConfig
 from popri.node import NodeScorer, secure_node_vector
 from popri.privacy import (
@@ -850,7 +850,7 @@ def audit(config: AuditConfig, *, output_dir: str | Path | None, progress: bool 
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "audit.json").write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_json(out / "audit.json", result)
         _plot(out / "audit.png", game=game, found=found, result=result)
     logger.info(
         "audit: epsilon lower bound %.3f (CP %.3f, GDP %s) vs claimed %.3f -> %s",
@@ -911,8 +911,11 @@ def _plot(path: Path, *, game: dict[str, Any], found: dict[str, Any], result: di
         f"claimed {result['epsilon_claimed']:.2f}"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_open(path) as fh:
+            fig.savefig(fh, format="png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------------------- the grid
@@ -985,8 +988,8 @@ def measure_grid(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{date}-{commit}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(_grid_markdown(report))
+    atomic_write_json(out / f"{stem}.json", report)
+    atomic_write_text(out / f"{stem}.md", _grid_markdown(report))
     logger.info("audit grid: %d rows -> %s", len(rows), out / f"{stem}.md")
     return report
 

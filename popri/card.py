@@ -16,9 +16,6 @@ import dataclasses
 import datetime as dt
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,21 +265,16 @@ def write_synthetic_dataset(texts: list[str], out_dir: Path, *, card: PrivacyCar
 
     if not all(isinstance(t, str) for t in texts):
         raise TypeError("write_synthetic_dataset: every text must be a str")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
+    from popri.checkpoint import atomic_dir, atomic_write_text
+
+    with atomic_dir(out_dir) as tmp:
         (tmp / DATA_FILE).parent.mkdir(parents=True)
         pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), tmp / DATA_FILE)
         description = (
             f"Synthetic text written by a generator fine-tuned with POPri ({len(texts)} samples; column `text`). "
             'Load it with `datasets.load_dataset("parquet", data_dir="<this folder>/data")`.'
         )
-        (tmp / "README.md").write_text(
-            card_markdown(card, title=title or "POPri synthetic corpus", description=description), encoding="utf-8"
+        atomic_write_text(
+            tmp / "README.md", card_markdown(card, title=title or "POPri synthetic corpus", description=description)
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -7,16 +7,22 @@ rename that returned has reached the disk. A crash at any point leaves the last 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import io
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CHECKPOINT_PREFIX = "round-"
 LOCK_NAME = ".lock"
@@ -42,21 +48,79 @@ def _write_synced(path: Path, text: str) -> None:
         os.fsync(fh.fileno())
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a fsynced temporary file in the same directory, rename, fsync the directory."""
+@contextlib.contextmanager
+def atomic_open(path: Path, *, mode: int | None = None) -> Iterator[IO[bytes]]:
+    """A binary handle whose content replaces ``path`` when the block ends without error; else nothing changes.
+
+    The data go to a temporary file in the same directory (created 0600), are fsynced, get ``mode`` if given, and
+    are renamed over ``path``; the directory is fsynced last. For writers that want a file object (``np.save``,
+    ``savefig``, ``torch.save``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Write ``data`` through :func:`atomic_open` (``mode=0o600`` for a secret: it never exists more readable)."""
+    with atomic_open(path, mode=mode) as fh:
+        fh.write(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a fsynced temporary file in the same directory, rename, fsync the directory."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_npy(path: Path, array: np.ndarray) -> None:
+    """:func:`atomic_write_bytes` of ``array`` in numpy's ``.npy`` format (what ``np.load`` reads)."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(Path(folder))
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """A temporary folder beside ``target`` to fill; it replaces ``target`` when the block ends without error.
+
+    Every file in it is fsynced, an existing ``target`` is removed, the folder is renamed into place and the parent
+    fsynced: a reader sees the old folder or the new one, never half of one. On error the temporary folder goes and
+    ``target`` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fsync_dir(target.parent)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

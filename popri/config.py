@@ -17,10 +17,22 @@ import dataclasses
 import functools
 import json
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+def default_cache_dir(configured: str | os.PathLike[str] | None = None) -> Path:
+    """The cache folder for models, initial sets and embeddings: the one default every part of popri uses.
+
+    ``configured`` (a ``cache-dir`` key or ``--cache-dir`` flag) when non-empty, else ``$POPRI_CACHE``, else
+    ``~/.cache/popri``; ``~`` is expanded in each.
+    """
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("POPRI_CACHE") or Path.home() / ".cache" / "popri").expanduser()
 
 
 class ConfigError(ValueError):
@@ -274,7 +286,9 @@ class RunConfig:
     diagnostics: bool = field(default=False, metadata={"help": "NON-PRIVATE similarity to held-out private text"})
     control: bool = field(default=False, metadata={"help": "random preference pairs (no private signal)"})
     output: str = field(default="runs/default", metadata={"help": "artifact directory"})
-    cache_dir: str = field(default="", metadata={"help": "cache for models and embeddings (default ~/.cache/popri)"})
+    cache_dir: str = field(
+        default="", metadata={"help": "model and embedding cache (default $POPRI_CACHE or ~/.cache/popri)"}
+    )
     reply_timeout: float = field(
         default=600.0, metadata={"help": "seconds the server waits for nodes to connect and for their replies"}
     )
@@ -325,7 +339,7 @@ class RunConfig:
         )
 
     def resolved_cache_dir(self) -> Path:
-        return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "popri"
+        return default_cache_dir(self.cache_dir)
 
     def resolved_noise_multiplier(self) -> float:
         """σ of this run, the same on the server and on every node (:func:`popri.privacy.resolve_noise_multiplier`).

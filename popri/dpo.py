@@ -179,6 +179,25 @@ def _attention(model: Any, implementation: str) -> Iterator[None]:
         model.set_attn_implementation(before)
 
 
+def lora_config(*, r: int, alpha: int, dropout: float = 0.0, target_modules: str | list[str] = "all-linear") -> Any:
+    """The peft ``LoraConfig`` every LoRA in the project uses: rank ``r``, scale ``alpha / r``, no bias, causal LM.
+
+    ``target_modules="all-linear"`` puts an adapter on every attention and MLP projection (the output layer
+    excluded), as the paper does (r=16, alpha=16). The policy here, TRL's peer in the perf harness and the benchmark's
+    pretrained-LoRA downstream all build theirs with this function, so they cannot drift apart.
+    """
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        bias="none",
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
 class LoraDPO:
     """A LoRA adapter on a frozen base model, trained round after round with DPO.
 
@@ -187,19 +206,11 @@ class LoraDPO:
     """
 
     def __init__(self, base_model: Any, tokenizer: Any, *, config: TrainConfig) -> None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         self.config = config
         self.tokenizer = tokenizer
-        lora = LoraConfig(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=0.0,
-            bias="none",
-            target_modules="all-linear",  # every attention and MLP projection (lm_head excluded)
-            task_type="CAUSAL_LM",
-        )
-        self.policy = get_peft_model(base_model, lora)
+        self.policy = get_peft_model(base_model, lora_config(r=config.lora_r, alpha=config.lora_alpha))
         self.policy.eval()  # no dropout: policy and reference see the same deterministic network
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.parameters() if p.requires_grad], lr=config.learning_rate
@@ -308,8 +319,14 @@ class LoraDPO:
         return merged.to(dtype) if dtype is not None else merged
 
     def save_adapter(self, directory: Path) -> Path:
-        """The adapter alone in peft's format (adapter_config.json, safetensors), e.g. for a vLLM engine."""
-        self.policy.save_pretrained(str(directory))
+        """The adapter alone in peft's format (adapter_config.json, safetensors), e.g. for a vLLM engine.
+
+        Written into a temporary folder that replaces ``directory`` whole: a crash leaves the old adapter or none.
+        """
+        from popri.checkpoint import atomic_dir
+
+        with atomic_dir(Path(directory)) as tmp:
+            self.policy.save_pretrained(str(tmp))
         return directory
 
     def state_dict(self) -> dict[str, Any]:

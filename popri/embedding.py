@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from popri.assets import best_device, minilm_path
+from popri.checkpoint import atomic_write_npy
 from popri.data import UserData
 from popri.scoring import user_embedding_sums
 
@@ -87,13 +86,8 @@ def cached_user_sums(
         embedder = load_embedder()
     embedded = _embed_with_progress(embedder, data.texts) if progress else embed_texts(embedder, data.texts)
     sums = user_embedding_sums(embedded, data.owner, data.num_users)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, sums)
-        os.replace(tmp, path)
+        atomic_write_npy(path, sums)
     except OSError as err:  # a full or read-only disk costs the cache, not the round
         logger.warning("%s: cannot write the embedding cache (%s); continuing without it", path, type(err).__name__)
-        Path(tmp).unlink(missing_ok=True)
     return sums

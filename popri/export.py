@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from popri.checkpoint import atomic_dir, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +48,12 @@ def write_generator(dpo: Any, out_dir: Path, *, base_model: str, base_path: Path
     from popri.card import popri_version
 
     target = out_dir / GENERATOR_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{GENERATOR_DIR}-"))
-    try:
+    with atomic_dir(target) as tmp:
         dpo.save_adapter(tmp)
         config_path = tmp / "adapter_config.json"
         adapter_config = json.loads(config_path.read_text())
         adapter_config["base_model_name_or_path"] = str(Path(base_path).resolve())
-        config_path.write_text(json.dumps(adapter_config, indent=2) + "\n")
+        atomic_write_json(config_path, adapter_config)
         dpo.tokenizer.save_pretrained(str(tmp))
         manifest = {
             "format": "peft-lora",
@@ -69,17 +67,12 @@ def write_generator(dpo: Any, out_dir: Path, *, base_model: str, base_path: Path
             "dpo_steps": int(dpo.steps_done),
             "popri_version": popri_version(),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        atomic_write_json(tmp / MANIFEST, manifest)
         if card is not None:
             from popri.card import write_card
 
             write_card(tmp / CARD, card, title="POPri generator (LoRA adapter)", subject="This generator")
             shutil.copyfile(tmp / CARD, tmp / "README.md")  # in place of peft's empty model-card template
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -160,12 +153,12 @@ def export_merged(run_dir: Path, out: Path, *, cache_dir: Path | None = None) ->
         raise FileExistsError(f"{out} exists and is not empty; pick a new --merged folder")
     model, tokenizer = load_run_generator(run_dir, cache_dir=cache_dir)
     merged = model.merge_and_unload()
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    card = Path(run_dir) / GENERATOR_DIR / CARD
-    if card.exists():  # the guarantee travels with the weights
-        shutil.copyfile(card, out / CARD)
+    with atomic_dir(out) as tmp:  # an interrupted export leaves no half-written model folder
+        merged.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        card = Path(run_dir) / GENERATOR_DIR / CARD
+        if card.exists():  # the guarantee travels with the weights
+            shutil.copyfile(card, tmp / CARD)
     return out
 
 
@@ -193,5 +186,7 @@ def add_subparser(subparsers: Any) -> None:
     )
     p.add_argument("--run", required=True, help="the --output folder of a finished popri run")
     p.add_argument("--merged", required=True, help="new folder for the merged model")
-    p.add_argument("--cache-dir", help="where the packaged base model is converted (default ~/.cache/popri)")
+    p.add_argument(
+        "--cache-dir", help="where the packaged base model is converted (default $POPRI_CACHE or ~/.cache/popri)"
+    )
     p.set_defaults(func=_cmd_export)

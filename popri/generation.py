@@ -56,10 +56,12 @@ def clean_completion(text: str) -> str:
 
 
 def truncate_tokens(texts: list[str], tokenizer: Any, budget: int) -> list[str]:
-    """Cut each text to at most ``budget`` tokens of the generator's tokenizer.
+    """Cut each text to at most ``budget`` tokens of the generator's tokenizer: the one truncation rule.
 
-    Decoding a cut that splits a multi-byte character can re-encode to more tokens, so the cut shrinks until the
-    text round-trips within the budget.
+    It serves synthetic samples and private texts alike (the benchmark's ``truncate_users``), so a private text and a
+    sample of the same content are cut the same way. A text within the budget is returned unchanged; a longer one is
+    decoded from its first tokens and stripped. Decoding a cut that splits a multi-byte character can re-encode to
+    more tokens, so the cut shrinks until the text round-trips within the budget.
     """
     out = []
     for text, ids in zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True):

@@ -105,3 +105,46 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return [reply for reply in map(self._deliver, messages) if reply is not None]
+
+
+def simulated_node_configs(num_nodes: int, *, first_node_id: int = 100) -> dict[int, dict[str, Any]]:
+    """Node id -> node config of ``num_nodes`` simulated nodes, as ``flwr run`` gives them (partition i of n)."""
+    if num_nodes < 1:
+        raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
+    return {first_node_id + pid: {"partition-id": pid, "num-partitions": num_nodes} for pid in range(num_nodes)}
+
+
+def run_server_app(grid: InProcessGrid, run_config: Mapping[str, Any]) -> None:
+    """The real ServerApp (:func:`server.app.make_server_app`) run in this process against ``grid``.
+
+    ``run_config`` is Flower's run config of the ServerApp (popri's flat keys plus ``resume`` / ``progress``). The
+    ServerApp's error is raised here (Flower itself would only log it).
+    """
+    from flwr.app import Context, RecordDict
+
+    from server.app import make_server_app
+
+    errors: list[BaseException] = []
+    app = make_server_app(errors=errors)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
+    app(grid, context)
+    if errors:
+        raise errors[0]
+
+
+def run_in_process(
+    client_app: Any,
+    node_configs: Mapping[int, dict[str, Any]],
+    run_config: Mapping[str, Any],
+    *,
+    tamper: Callable[[int, Message], Message | None] | None = None,
+) -> InProcessGrid:
+    """One whole popri run in this process: ``client_app`` on every node of ``node_configs``, the ServerApp over them.
+
+    Every node and the server see the same ``run_config``. Returns the grid (its node contexts, the messages sent);
+    raises the ServerApp's error. ``client_app`` is the caller's (``client.app.make_client_app()``): the server
+    package never imports the client's.
+    """
+    grid = InProcessGrid(client_app, node_configs, dict(run_config), tamper=tamper)
+    run_server_app(grid, run_config)
+    return grid

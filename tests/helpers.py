@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from server.grid import InProcessGrid
+from server.grid import InProcessGrid, run_server_app
 
 __all__ = ["ROLES", "InProcessGrid", "run_server", "tiny_run_config"]
 
@@ -43,14 +43,5 @@ def tiny_run_config(model_dir: Path, data: Path, output: Path, **overrides: Any)
 
 
 def run_server(grid: InProcessGrid, run_config: dict[str, Any]) -> None:
-    """The real ServerApp main, in this process, against ``grid``."""
-    from flwr.app import Context, RecordDict
-
-    from server.app import make_server_app
-
-    errors: list[BaseException] = []
-    app = make_server_app(errors=errors)
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config))
-    app(grid, context)
-    if errors:
-        raise errors[0]
+    """The real ServerApp main, in this process, against ``grid`` (:func:`server.grid.run_server_app`)."""
+    run_server_app(grid, run_config)

@@ -6,11 +6,16 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from popri.checkpoint import (
+    atomic_dir,
+    atomic_open,
+    atomic_write_bytes,
     atomic_write_json,
+    atomic_write_npy,
     atomic_write_text,
     latest_checkpoint,
     load_checkpoint,
@@ -245,3 +250,76 @@ def test_a_second_lock_on_a_run_folder_is_refused_until_the_first_is_released(tm
     with RunLock(tmp_path) as again:
         assert again.held
     assert not again.held
+
+
+def test_atomic_write_npy_round_trips_through_np_load(tmp_path: Path) -> None:
+    # Prepare
+    array = np.random.default_rng(3).normal(size=(5, 4)).astype(np.float32)
+    path = tmp_path / "cache" / "sums.npy"
+
+    # Execute
+    atomic_write_npy(path, array)
+
+    # Assert
+    loaded = np.load(path)
+    assert loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, array)
+    assert _leftovers(path.parent) == []
+
+
+def test_atomic_write_bytes_gives_a_secret_owner_only_permissions(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "node.key"
+
+    # Execute
+    atomic_write_bytes(path, b"secret", mode=0o600)
+
+    # Assert
+    assert path.read_bytes() == b"secret"
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_atomic_open_that_fails_keeps_the_old_file_and_no_temp_file(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "plot.png"
+    path.write_bytes(b"old")
+
+    # Execute
+    with pytest.raises(RuntimeError, match="render failed"), atomic_open(path) as fh:
+        fh.write(b"half")
+        raise RuntimeError("render failed")
+
+    # Assert
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+
+
+def test_atomic_dir_replaces_the_whole_folder(tmp_path: Path) -> None:
+    # Prepare
+    target = tmp_path / "generator"
+    target.mkdir()
+    (target / "stale.bin").write_bytes(b"old")
+
+    # Execute
+    with atomic_dir(target) as tmp:
+        (tmp / "adapter_config.json").write_text("{}")
+
+    # Assert: the old folder's files are gone with it, no temporary folder is left
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generator"]
+
+
+def test_atomic_dir_that_fails_keeps_the_old_folder(tmp_path: Path) -> None:
+    # Prepare
+    target = tmp_path / "dataset"
+    target.mkdir()
+    (target / "README.md").write_text("old")
+
+    # Execute
+    with pytest.raises(OSError, match="disk full"), atomic_dir(target) as tmp:
+        (tmp / "README.md").write_text("new")
+        raise OSError("disk full")
+
+    # Assert
+    assert (target / "README.md").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmark.perf.schema import COMPARISONS, WORKER_PEER_NAMES, PerfSizes, sizes_with_overrides
-from popri.config import ConfigError, RunConfig, split_assignment
+from popri.config import ConfigError, default_cache_dir, split_assignment
 
 if TYPE_CHECKING:
     from benchmark.perf.stages import GenerationPeers
@@ -85,7 +85,9 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", default="runs/perf", metavar="DIR", help="folder for perf.json and perf.md")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompts, sampling and pairs")
-    parser.add_argument("--cache-dir", default=None, help="model and embedding cache (default ~/.cache/popri)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="model and embedding cache (default $POPRI_CACHE or ~/.cache/popri)"
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level")
     _add_perf_flags(parser, short_names=True)
     parser.set_defaults(func=handle)
@@ -106,7 +108,7 @@ def peers_from_args(args: argparse.Namespace) -> GenerationPeers:
         pythons[name] = path
     cache_dir = getattr(args, "cache_dir", None)
     work = getattr(args, "peer_work", None)
-    default_work = RunConfig(cache_dir=cache_dir or "").resolved_cache_dir() / "peers"
+    default_work = default_cache_dir(cache_dir) / "peers"
     return GenerationPeers(pythons=pythons, work_dir=Path(work) if work else default_work)
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from benchmark.perf.schema import PerfSizes
-from popri.config import GenerationConfig, TrainConfig
+from popri.checkpoint import atomic_write_text
+from popri.config import GenerationConfig, TrainConfig, default_cache_dir
 from popri.data import UserData
 from popri.generation import sample_completions
 
@@ -53,7 +54,6 @@ class PerfAssets:
 def load_default_assets(*, cache_dir: Path | None, cache_users: int, seed: int) -> PerfAssets:
     """SmolLM2-135M-Instruct (float32, best device), all-MiniLM-L6-v2 and Shakespeare users, all packaged."""
     from popri.assets import generator_dir, load_generator, smollm2_gguf_path
-    from popri.config import RunConfig
     from popri.data import load_user_data
     from popri.embedding import load_embedder
     from popri.generation import make_initial_set
@@ -70,7 +70,7 @@ def load_default_assets(*, cache_dir: Path | None, cache_users: int, seed: int) 
         max_new_tokens=g.max_new_tokens,
         token_budget=g.token_budget,
         seed=seed,
-        cache_dir=cache_dir or RunConfig().resolved_cache_dir(),
+        cache_dir=default_cache_dir(cache_dir),
         model_id=g.model,
     )
     return PerfAssets(
@@ -127,7 +127,7 @@ def _samples_key(prompts: list[str], sizes: PerfSizes, seed: int) -> list[Any]:
 def save_samples(output: Path, prompts: list[str], samples: list[str], sizes: PerfSizes, *, seed: int) -> None:
     """popri's samples of the generation run, reused as DPO pairs by a later ``--only dpo`` run."""
     data = {"key": _samples_key(prompts, sizes, seed), "samples": samples}
-    (output / "samples.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    atomic_write_text(output / "samples.json", json.dumps(data, ensure_ascii=False))
 
 
 def load_json(path: Path) -> dict[str, Any]:

@@ -285,8 +285,10 @@ def reference_loop_scores(sample_embeddings: torch.Tensor, per_user: list[torch.
 
 
 def popri_lora_config(dpo: Any) -> Any:
-    """The LoRA config a :class:`popri.dpo.LoraDPO` built (``popri.dpo`` exports no function for it), for TRL."""
-    return copy.deepcopy(dpo.policy.peft_config["default"])
+    """The LoRA config a :class:`popri.dpo.LoraDPO` uses, for TRL: :func:`popri.dpo.lora_config` of its settings."""
+    from popri.dpo import lora_config
+
+    return lora_config(r=dpo.config.lora_r, alpha=dpo.config.lora_alpha)
 
 
 def trl_status() -> PeerStatus:

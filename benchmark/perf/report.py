@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from popri.checkpoint import atomic_write_json, atomic_write_text
 
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -34,9 +35,8 @@ def source_commit(repo: Path = _REPO) -> str:
 
 def write_report(output: Path, result: dict[str, Any]) -> None:
     """``output/perf.json`` (everything measured) and ``output/perf.md`` (:func:`render_markdown`)."""
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "perf.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (output / "perf.md").write_text(render_markdown(result), encoding="utf-8")
+    atomic_write_json(output / "perf.json", result)
+    atomic_write_text(output / "perf.md", render_markdown(result))
 
 
 def _fmt(x: Any) -> str:

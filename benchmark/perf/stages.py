@@ -392,7 +392,7 @@ def bench_dpo(
     checkpointing). ``fp32``: both in float32, TRL without gradient checkpointing (the like-for-like precision row).
     """
     from popri.config import TrainConfig
-    from popri.dpo import LoraDPO
+    from popri.dpo import LoraDPO, lora_config
 
     config = TrainConfig(batch_size=sizes.dpo_batch, precision="fp32" if fp32 else "bf16")
     base = copy.deepcopy(assets.model).to(torch.float32 if fp32 else torch.bfloat16)
@@ -400,7 +400,7 @@ def bench_dpo(
     trl_setup: list[float] = []
     trl_losses: list[float] = []
     trainers: list[Any] = []
-    lora = popri_lora_config(LoraDPO(copy.deepcopy(base), assets.tokenizer, config=config))
+    lora = lora_config(r=config.lora_r, alpha=config.lora_alpha)  # the policy's own LoRA (popri.dpo.lora_config)
 
     def run_popri() -> dict[str, float]:
         dpo = LoraDPO(copy.deepcopy(base), assets.tokenizer, config=config)
@@ -610,18 +610,17 @@ def bench_round(assets: PerfAssets, sizes: PerfSizes, *, seed: int, cache_dir: s
 
 
 def communication(tokenizer: Any, *, prompts: int, samples_per_prompt: int, token_budget: int) -> dict[str, Any]:
-    """Bytes per client per round, counted on the Flower records the apps send (payload only, no framing)."""
-    from flwr.app import Array, ArrayRecord
+    """Bytes per client per round, counted on the Flower records the apps send (payload only, no framing).
 
+    POPri's come from :func:`benchmark.popri_method.client_bytes_per_round` (the one count the benchmark reports too).
+    """
     from benchmark.config import DownstreamConfig
     from benchmark.downstream import SpecialIds, build_model
     from benchmark.dpfedavg import model_arrays
+    from benchmark.popri_method import client_bytes_per_round
 
     def popri_bytes(k: int, j: int) -> tuple[int, int]:
-        n = k * j
-        down = ArrayRecord({"embeddings": Array(np.zeros((n, EMBEDDING_DIM), dtype=np.float32))}).count_bytes()
-        up = ArrayRecord({"scores": Array(np.zeros(n, dtype=np.float64))}).count_bytes()
-        return int(down), int(up)
+        return client_bytes_per_round(prompts=k, samples_per_prompt=j, embedding_dim=EMBEDDING_DIM)
 
     special = SpecialIds.from_tokenizer(tokenizer)
     model = build_model(DownstreamConfig(), special, max_positions=token_budget + 2, seed=0)
@@ -634,8 +633,8 @@ def communication(tokenizer: Any, *, prompts: int, samples_per_prompt: int, toke
             "samples_per_prompt": samples_per_prompt,
             "down_bytes": down,
             "up_bytes": up,
-            "down": f"{prompts * samples_per_prompt} x {EMBEDDING_DIM} float32 sample embeddings",
-            "up": f"{prompts * samples_per_prompt} float64 clipped score sum",
+            "down": f"{prompts * samples_per_prompt} x {EMBEDDING_DIM} float32 sample embeddings + round config",
+            "up": f"{prompts * samples_per_prompt} float64 clipped score sum + user count + source tag",
         },
         "popri_paper_size": {"prompts": 1800, "samples_per_prompt": 10, "down_bytes": paper_down, "up_bytes": paper_up},
         "dpfedavg": {

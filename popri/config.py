@@ -576,7 +576,10 @@ def delta_warning(delta: float, num_users: int) -> str | None:
 
 
 def save_config(config: RunConfig, path: Path) -> None:
-    path.write_text(json.dumps(config_to_flat(config), indent=2) + "\n")
+    """Write the flat config atomically (the project's one writer; imported here so this module stays torch-free)."""
+    from popri.checkpoint import atomic_write_json
+
+    atomic_write_json(path, config_to_flat(config))
 
 
 def load_config(path: Path) -> RunConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,8 +17,8 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
-from popri.config import config_from_flat, split_run_options
-from popri.logs import setup_logging
+from popri.config import RunConfig, config_from_flat, split_run_options
+from popri.logs import attach_log_file, detach_log_file, setup_logging
 from popri.loop import PopriRun
 from popri.release import NodeReply, SecureSum
 from popri.sources import SourceRegistry
@@ -133,10 +134,21 @@ def make_server_app(overrides: dict[str, Any] | None = None, errors: list[BaseEx
 
 
 def _main(grid: Grid, context: Context, overrides: dict[str, Any] | None) -> None:
-    if not logging.getLogger().handlers:  # flwr-serverapp process: make the per-round log lines visible
-        setup_logging()
+    own_process = not logging.getLogger().handlers  # a flwr-serverapp process (`flwr run .`, a deployment)
+    if own_process:
+        setup_logging()  # make the per-round log lines visible
     flat, resume, progress = run_options({**context.run_config, **(overrides or {})})
     config = config_from_flat(flat)
+    # `popri run` keeps DIR/run.log itself (server/simulation.py); a Flower-launched ServerApp keeps its own.
+    log_file = attach_log_file(Path(config.output) / "run.log", loggers=("", "flwr")) if own_process else None
+    try:
+        _serve(grid, context, config, resume=resume, progress=progress)
+    finally:
+        if log_file is not None:
+            detach_log_file(log_file, loggers=("", "flwr"))
+
+
+def _serve(grid: Grid, context: Context, config: RunConfig, *, resume: bool, progress: bool) -> None:
     with PopriRun(config, resume=resume, progress=progress) as run:
         if config.control:  # random pairs: no node is ever asked anything
             run.run(lambda embeddings, round_index, sample_rate: [])

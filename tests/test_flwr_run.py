@@ -104,3 +104,5 @@ def test_flwr_run_dot_completes_a_round_on_the_simulation_engine(tmp_path, user_
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["rounds_completed"] == 1 and privacy["epsilon"] <= 7.0
     assert len((out / "synthetic.jsonl").read_text().splitlines()) == 2
+    # the Flower-launched ServerApp keeps the run's full log beside its artifacts, as `popri run` does
+    assert "popri.loop" in (out / "run.log").read_text()

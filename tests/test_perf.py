@@ -179,6 +179,9 @@ print("noise a backend prints", file=sys.stderr)
 print(json.dumps({"ready": True, "version": "0.0-test", "load_s": 0.5}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)
+    if req["seed"] < 0:
+        print(json.dumps({"error": "EngineDeadError: the engine died"}), flush=True)
+        continue
     texts = [f"sample {k}.{j} of {req['max_new_tokens']}\\nOriginal Text Sample 5\\nmore"
              for k in range(len(req["prompts"])) for j in range(req["samples_per_prompt"])]
     print(json.dumps({"texts": texts}), flush=True)
@@ -210,6 +213,29 @@ def test_worker_peer_speaks_json_lines_and_applies_popris_clean_up(tmp_path: Pat
     assert peer.version == "0.0-test" and peer.load_s == 0.5
     assert "noise a backend prints" in peer.log_path.read_text()  # the engine's output goes to its log, not stdout
     assert texts == [f"sample {k}.{j} of 7" for k in range(2) for j in range(3)]
+
+
+def test_worker_peer_failing_a_request_raises_a_peer_failure_naming_it(tmp_path: Path):
+    # Prepare: the stand-in worker answers an error for a negative seed, as a crashed engine would
+    import sys
+
+    from benchmark.perf.peers import PeerFailure, WorkerPeer
+
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    peer = WorkerPeer(
+        "vllm", python=sys.executable, model_dir=tmp_path, work_dir=tmp_path / "w", threads=1, worker=script
+    )
+
+    # Execute / Assert: the harness can tell which peer failed and why, and drop it from the measurement
+    try:
+        with pytest.raises(PeerFailure, match="vllm peer failed: EngineDeadError") as failure:
+            peer.generate(
+                ["p"], samples_per_prompt=2, max_new_tokens=3, token_budget=10, tokenizer=byte_tokenizer(), seed=-1
+            )
+    finally:
+        peer.close()
+    assert failure.value.name == "vllm"
 
 
 def test_worker_peer_that_cannot_load_raises_its_reason(tmp_path: Path):

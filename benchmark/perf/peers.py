@@ -66,6 +66,14 @@ WORKER_PEERS: dict[str, WorkerPeerSpec] = {
 assert tuple(WORKER_PEERS) == WORKER_PEER_NAMES
 
 
+class PeerFailure(RuntimeError):
+    """A worker peer that failed a request: the harness records it as not measured, with this reason."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name} peer failed: {reason}")
+        self.name = name
+
+
 @dataclass(frozen=True)
 class PeerStatus:
     """Whether a peer can be measured here: its version, or why not (recorded in perf.json's ``peers``)."""
@@ -246,10 +254,10 @@ class WorkerPeer:
         self._proc.stdin.flush()
         reply = self._read()
         if "texts" not in reply:
-            raise RuntimeError(f"{self.name} peer failed: {reply.get('error')} (log: {self.log_path})")
+            raise PeerFailure(self.name, f"{reply.get('error')} (log: {self.log_path})")
         texts = list(reply["texts"])
         if len(texts) != len(prompts) * samples_per_prompt:
-            raise RuntimeError(f"{self.name} peer returned {len(texts)} texts, expected {len(prompts)} x J")
+            raise PeerFailure(self.name, f"returned {len(texts)} texts, expected {len(prompts)} x J")
         return truncate_tokens([clean_completion(t) for t in texts], tokenizer, token_budget)
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ threads, one whole round and its communication. Each returns a row (or a record)
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
 import time
@@ -31,6 +32,7 @@ import torch
 from benchmark.perf.inputs import EMBEDDING_DIM, PerfAssets, PerfSizes, popri_sampler
 from benchmark.perf.peers import (
     WORKER_PEERS,
+    PeerFailure,
     PeerStatus,
     WorkerPeer,
     hf_generate,
@@ -56,6 +58,8 @@ from benchmark.perf.timing import (
     sync,
 )
 from popri.generation import sample_completions
+
+logger = logging.getLogger(__name__)
 
 TARGETS = {"generation": 1.5, "scoring": 20.0, "dpo": 4.0}
 
@@ -167,7 +171,18 @@ def bench_generation(
             hf_generate(assets.model, tok, prompts[:1], batch_size=1, seed=0, **warm)
             for worker in workers.values():
                 worker.generate(prompts[:1], tokenizer=tok, seed=0, **warm)
-            times, results = interleaved(runs, sizes.repeats_generation)
+            while True:
+                try:
+                    times, results = interleaved(runs, sizes.repeats_generation)
+                    break
+                except PeerFailure as err:  # one engine's bug must not cost the others' measurements
+                    logger.warning("%s; measuring the others without it", err)
+                    runs.pop(err.name)
+                    workers.pop(err.name).close()
+                    old_status = statuses[err.name]
+                    statuses[err.name] = PeerStatus(
+                        err.name, False, version=old_status.version, why=str(err), python=old_status.python
+                    )
         finally:
             for worker in workers.values():
                 worker.close()

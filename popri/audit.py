@@ -12,7 +12,8 @@ USENIX Security):
    :class:`popri.node.NodeScorer` (Poisson sampling of its users at rate q, clip, sum), reached through ONE adapter,
    :func:`node_reply`; central mode: the server validates and re-clips every reply
    (:func:`popri.privacy.validate_node_sum`), sums them and adds :func:`popri.privacy.gaussian_mechanism`;
-   secure-aggregation mode: every node adds :func:`popri.privacy.add_noise_share` and the attacker sees only the sum.
+   secure-aggregation mode: every node sends :func:`popri.node.secure_node_vector` (its box-projected sum plus its
+   noise share) and the attacker sees only the sum.
    σ comes from :func:`popri.privacy.calibrate_noise` at (ε, δ, q, T). Half of the trials include the canary.
 3. The attacker sees only the released noisy sums ``y_t`` and knows everything else (the worst case DP protects
    against), except the private bits: which trials hold the canary, which users the nodes sampled, and the noise.

@@ -33,7 +33,7 @@ import numpy as np
 from popri.config import ConfigError, RunConfig, delta_warning
 from popri.data import DataFormatError, UserData, load_user_data, partition_users, read_user_file, split_users
 from popri.embedding import cached_user_sums
-from popri.privacy import compute_epsilon, noise_share_std, poisson_sample
+from popri.privacy import add_noise_share, compute_epsilon, noise_share_std, poisson_sample
 from popri.scoring import clipped_scores_sum
 
 logger = logging.getLogger(__name__)
@@ -477,7 +477,12 @@ def secure_node_vector(
         raise NodeRefusal(NodeErrorCode.INTERNAL_ERROR, "the node's clipped sum is not finite")
     std = noise_share_std(noise_multiplier=noise_multiplier, min_replies=min_replies)
     bound = secagg_box_bound(clipping_range=clipping_range, noise_std=std, dimension=int(node_sum.size))
-    noisy = project_to_box(node_sum, bound=bound) + rng.normal(0.0, std, size=node_sum.shape)
+    noisy = add_noise_share(
+        node_sum=project_to_box(node_sum, bound=bound),
+        noise_multiplier=noise_multiplier,
+        min_replies=min_replies,
+        rng=rng,
+    )
     if not np.all(np.isfinite(noisy)):
         raise NodeRefusal(NodeErrorCode.INTERNAL_ERROR, "the node's noisy vector is not finite")
     return noisy

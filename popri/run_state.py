@@ -19,24 +19,13 @@ import numpy as np
 import torch
 
 from popri import checkpoint as ckpt
-from popri.config import ConfigError, RunConfig, config_to_flat
+from popri.config import ConfigError, RunConfig, config_to_flat, resume_locked_keys
 from popri.privacy import PrivacyLedger, make_noise_rng
 
 logger = logging.getLogger(__name__)
 
-# Keys whose change would break the privacy ledger or the meaning of a resumed run (popri.config may own the list).
-_RESUME_LOCKED = ("epsilon", "noise-multiplier", "delta", "sample-rate", "accountant", "data", "max-users", "seed")
-
 JOURNAL = "ledger.json"
 SALT_FILE = "source-salt.json"
-
-
-def resume_locked_keys() -> tuple[str, ...]:
-    """The config keys a resumed run must keep: :func:`popri.config.resume_locked_keys` where it exists."""
-    from popri import config
-
-    own = getattr(config, "resume_locked_keys", None)
-    return tuple(own()) if callable(own) else _RESUME_LOCKED
 
 
 def check_resume_config(saved: dict[str, Any], now: RunConfig) -> None:

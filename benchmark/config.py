@@ -32,6 +32,8 @@ POPRI_MANAGED_KEYS: dict[str, str] = {
     "initial-set-size": "corpus.initial-set-size",
     "initial-instruction": "corpus.instruction",
     "generation-batch-size": "corpus.generation-batch-size",
+    "temperature": "corpus.temperature",
+    "top-p": "corpus.top-p",
     "final-samples": "corpus.samples",
     "epsilon": "--epsilons",
     "delta": "delta",
@@ -150,6 +152,10 @@ class CorpusConfig:
         default=500, metadata={"help": "untuned-generator samples the public base model is trained on first"}
     )
     max_new_tokens: int = field(default=48, metadata={"help": "new tokens per generated sample"})
+    temperature: float = field(
+        default=1.0, metadata={"help": "sampling temperature of every corpus and of POPri's rounds (one knob for all)"}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass, shared the same way"})
     initial_set_size: int = field(default=64, metadata={"help": "public seed samples the prompts draw from"})
     generation_batch_size: int = field(default=32, metadata={"help": "prompts decoded together"})
     instruction: str = field(
@@ -161,6 +167,12 @@ class CorpusConfig:
         _check(self.samples >= 3, "corpus.samples", f"must be >= 3, got {self.samples}")
         _check(self.public_samples >= 1, "corpus.public-samples", f"must be >= 1, got {self.public_samples}")
         _check(self.max_new_tokens >= 1, "corpus.max-new-tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _check(
+            math.isfinite(self.temperature) and self.temperature > 0,
+            "corpus.temperature",
+            f"must be finite and > 0, got {self.temperature}",
+        )
+        _check(0 < self.top_p <= 1, "corpus.top-p", f"must be in (0, 1], got {self.top_p}")
         _check(self.initial_set_size >= 3, "corpus.initial-set-size", "prompts draw 3 samples; must be >= 3")
         _check(self.generation_batch_size >= 1, "corpus.generation-batch-size", "must be >= 1")
 

@@ -84,6 +84,8 @@ def generate_from_examples(
             samples_per_prompt=1,
             max_new_tokens=gen.config.max_new_tokens,
             token_budget=gen.token_budget,
+            temperature=gen.config.temperature,
+            top_p=gen.config.top_p,
             batch_size=gen.config.generation_batch_size,
             generator=generator,
             progress=progress,

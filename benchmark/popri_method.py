@@ -49,6 +49,8 @@ def popri_flat_config(
         "max-users": 0,
         "model": bench.corpus.generator,
         "max-new-tokens": bench.corpus.max_new_tokens,
+        "temperature": bench.corpus.temperature,
+        "top-p": bench.corpus.top_p,
         "token-budget": spec.token_budget,
         "initial-set-size": bench.corpus.initial_set_size,
         "initial-instruction": instruction,

@@ -70,11 +70,23 @@ class Assets:
 
     @property
     def generator(self) -> tuple[Any, Any]:
+        """The sampler of every corpus: bf16 weights, as popri's own rounds and final corpus sample (its default
+        precision), so every method's texts come from the same numerics; measured 2-3x faster than float32."""
         if self._generator is None:
             from popri.assets import load_generator
 
-            self._generator = load_generator(self.config.corpus.generator, cache_dir=self.config.resolved_cache_dir())
+            self._generator = load_generator(
+                self.config.corpus.generator, cache_dir=self.config.resolved_cache_dir(), dtype=torch.bfloat16
+            )
         return self._generator
+
+    @property
+    def pretrained(self) -> Any:
+        """A float32 copy of the public generator, the base of the ``pretrained-lora`` downstream (loaded per use:
+        each method trains its own adapter on a fresh copy)."""
+        from popri.assets import load_generator
+
+        return load_generator(self.config.corpus.generator, cache_dir=self.config.resolved_cache_dir())[0]
 
     @property
     def embedder(self) -> Any:
@@ -218,7 +230,7 @@ class Benchmark:
             prep.special,
             max_positions=prep.spec.token_budget + 2,
             seed=seed,
-            pretrained=lambda: copy.deepcopy(self.assets.generator[0]),
+            pretrained=lambda: self.assets.pretrained,
         )
         return model.to(best_device())
 

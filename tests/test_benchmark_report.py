@@ -237,3 +237,34 @@ def test_oracle_draws_n_distinct_real_texts_per_seed() -> None:
     assert first.corpus is not None and len(set(first.corpus)) == 10 and set(first.corpus) <= set(texts)
     assert first.corpus == again.corpus and first.corpus != other.corpus
     assert first.row["non_private"] is True and math.isinf(first.epsilon_spent)
+
+
+def test_corpus_sampling_is_one_knob_shared_with_the_popri_run(tmp_path: Path) -> None:
+    # Prepare: a cooler, nucleus-truncated sampler for every corpus.
+    from benchmark.popri_method import popri_flat_config
+
+    args = _parser().parse_args(["bench", "--set", "corpus.temperature=0.7", "--set", "corpus.top-p=0.9"])
+    config = cli.config_from_args(args)
+
+    # Execute
+    flat = popri_flat_config(
+        config,
+        config.datasets[0],
+        epsilon=1.0,
+        seed=0,
+        noise_seed=None,
+        train_file=tmp_path / "train.jsonl",
+        output=tmp_path / "run",
+        instruction="Say one line.",
+    )
+
+    # Assert: POPri's rounds and final corpus sample as eps0's and PE's corpora do; popri may not set it alone.
+    run = config.popri.run_config(flat)
+    assert (run.generation.temperature, run.generation.top_p) == (0.7, 0.9)
+    for bad, match in [
+        ("corpus.temperature=0", r"'corpus\.temperature'"),
+        ("corpus.top-p=1.5", r"'corpus\.top-p'"),
+        ("popri.temperature=0.5", "use 'corpus.temperature' instead"),
+    ]:
+        with pytest.raises(BenchConfigError, match=match):
+            cli.config_from_args(_parser().parse_args(["bench", "--set", bad]))

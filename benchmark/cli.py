@@ -80,6 +80,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="any other setting, e.g. dpfedavg.rounds=10, pe.population=128, downstream.kind=pretrained-lora, "
         "data.max-users=200; popri.KEY takes any popri run key (popri.beta=0.1, popri.rounds=4)",
     )
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=V1,V2",
+        help="hyperparameter search: run every combination of these values, scored on held-out validation users "
+        "only (the test split is not read); writes OUTPUT/search.md and OUTPUT/search.json",
+    )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="score on half of the validation users, choose checkpoints on the other half; never read test",
+    )
     parser.add_argument("--resume", action="store_true", help="keep the rows already in OUTPUT/results.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -117,6 +130,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "output": args.output or f"runs/bench-{args.preset}",
         "progress": not args.no_progress,
         "resume": args.resume,
+        "tune": bool(args.tune or args.grid),
     }
     for key in ("delta", "accountant", "seed", "seeds", "noise_seed"):
         if getattr(args, key) is not None:
@@ -149,10 +163,23 @@ def handle(args: argparse.Namespace) -> int:
     except BenchConfigError as err:
         print(f"popri bench: {err}", file=sys.stderr)
         return 2
+    out = config.output_dir
+    if args.grid:
+        from benchmark.search import parse_grid, point_configs, run_search
+
+        try:
+            grid = parse_grid(args.grid)
+            point_configs(config, grid)
+        except BenchConfigError as err:
+            print(f"popri bench: {err}", file=sys.stderr)
+            return 2
+        run_search(config, grid)
+        print(f"search: {out / 'search.json'}\ntable:  {out / 'search.md'}")
+        print((out / "search.md").read_text(encoding="utf-8"))
+        return 0
     from benchmark.run import run_benchmark
 
     run_benchmark(config)
-    out = config.output_dir
     print(f"results: {out / 'results.json'}\ntable:   {out / 'results.md'}\nplot:    {out / 'privacy_utility.png'}")
     print((out / "results.md").read_text(encoding="utf-8"))
     return 0

@@ -301,6 +301,9 @@ class BenchConfig:
     seed: int = 0
     seeds: int = 3
     bootstrap_resamples: int = 2000
+    # True: a hyperparameter search. Checkpoints are chosen on one half of the validation users and rows are scored
+    # on the other half; the test split is never encoded, embedded or scored (benchmark.datasets.tuning_splits).
+    tune: bool = False
     noise_seed: int | None = None
     output: str = "runs/bench"
     cache_dir: str = ""
@@ -498,6 +501,7 @@ def apply_overrides(config: BenchConfig, assignments: list[str]) -> BenchConfig:
                 "seeds",
                 "bootstrap_resamples",
                 "noise_seed",
+                "tune",
                 "output",
                 "cache_dir",
             }

@@ -255,6 +255,26 @@ def split_users(
     return Splits(name=name, train=train, validation=validation, test=test)
 
 
+def tuning_splits(splits: Splits, *, seed: int) -> Splits:
+    """The splits of a hyperparameter search: the validation users cut in two halves (seeded), the first selecting
+    checkpoints and the second scoring; the test split is set aside unread.
+
+    Scoring a search on the split that also chose each checkpoint would favour whatever point picked the luckiest
+    checkpoint; scoring it on test would spend the test split on choices. Both halves hold out whole users.
+    """
+    data = splits.validation
+    if data.num_users < 2:
+        raise DatasetError(f"{splits.name}: tuning needs >= 2 validation users, got {data.num_users}")
+    order = np.random.default_rng([seed, 97]).permutation(data.num_users)
+    half = data.num_users // 2
+    return Splits(
+        name=splits.name,
+        train=splits.train,
+        validation=data.subset(np.sort(order[:half])),
+        test=data.subset(np.sort(order[half:])),
+    )
+
+
 def truncate_users(data: UserData, tokenizer: Any, budget: int) -> UserData:
     return UserData(users=data.users, texts=truncate_tokens(data.texts, tokenizer, budget), owner=data.owner)
 

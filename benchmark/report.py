@@ -278,6 +278,12 @@ def markdown_table(results: dict[str, Any]) -> str:
                 )
             )
             lines.append("")
+        if ds.get("scored_on", "test") != "test":
+            lines.append(
+                "**Tuning run:** checkpoints were chosen on the first half of the validation users and every number "
+                "below is scored on the second half (shown above as 'test'); the test split was not read."
+            )
+            lines.append("")
         private_eps = sorted({as_float(e["epsilon"]) for e in summary if e["method"] not in REFERENCES})
         columns = ["ε=0", *[f"ε={e:g}" for e in private_eps], "ε=∞"]
         lines.append("| method | " + " | ".join(columns) + " | seeds |")

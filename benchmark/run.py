@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from benchmark import report
 from benchmark.config import BenchConfig, DataSpec
 from benchmark.corpus import Generator, generate_corpus_resumable, initial_set, read_corpus, read_seconds
-from benchmark.datasets import Splits, default_instruction, load_splits
+from benchmark.datasets import Splits, default_instruction, load_splits, tuning_splits
 from benchmark.downstream import (
     SpecialIds,
     build_downstream,
@@ -267,6 +267,8 @@ class Benchmark:
     def prepare(self, spec: DataSpec) -> Prepared:
         tok = self.assets.tokenizer
         splits = load_splits(spec, tok, seed=self.config.seed)
+        if self.config.tune:
+            splits = tuning_splits(splits, seed=self.config.seed)
         special = SpecialIds.from_tokenizer(tok)
         enc = {"token_budget": spec.token_budget, "special": special}
         user_sequences = [encode_texts(splits.train.texts_of(u), tok, **enc) for u in range(splits.train.num_users)]
@@ -283,6 +285,7 @@ class Benchmark:
         )
         ds = self.results["datasets"].setdefault(splits.name, {})
         ds["splits"] = splits.summary()
+        ds["scored_on"] = "validation, second half (tuning; test unread)" if self.config.tune else "test"
         return prep
 
     def private_embeddings(self, prep: Prepared) -> np.ndarray:

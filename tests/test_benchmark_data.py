@@ -17,7 +17,7 @@ from benchmark.datasets import (
     truncate_to_budget,
     write_user_jsonl,
 )
-from popri.data import from_records, read_user_file
+from popri.data import UserData, from_records, read_user_file
 from tests.tiny_models import byte_tokenizer
 
 
@@ -151,3 +151,23 @@ def test_shakespeare_splits_are_disjoint() -> None:
     splits = load_splits(spec, byte_tokenizer(), seed=0)
     assert not set(splits.train.users) & set(splits.test.users)
     assert not {_norm(t) for t in splits.train.texts} & {_norm(t) for t in splits.test.texts}
+
+
+def test_tuning_splits_halve_the_validation_users_and_set_test_aside() -> None:
+    # Prepare: 40 users with 3 texts each, split by users.
+    from benchmark.datasets import split_users, tuning_splits
+
+    users = [f"u{i}" for i in range(40)]
+    texts = [f"text {u} {k}" for u in range(40) for k in range(3)]
+    data = UserData(users=users, texts=texts, owner=np.repeat(np.arange(40), 3))
+    splits = split_users(data, validation_fraction=0.2, test_fraction=0.2, seed=0)
+
+    # Execute
+    tuned = tuning_splits(splits, seed=0)
+
+    # Assert: selection and scoring halves are disjoint validation users; no test user appears; train is unchanged.
+    select, score = set(tuned.validation.users), set(tuned.test.users)
+    assert select and score and not select & score
+    assert select | score == set(splits.validation.users)
+    assert not (select | score) & set(splits.test.users)
+    assert tuned.train is splits.train and tuning_splits(splits, seed=0).test.users == tuned.test.users

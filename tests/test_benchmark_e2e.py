@@ -197,3 +197,33 @@ def test_quick_preset_on_the_real_models(tmp_path: Path) -> None:
     assert all(summary[(m, 1.0)]["fid"] is not None for m in ("pe", "popri"))
     assert any(c["a"] == "popri" and c["b"] == "pe" for c in ds["comparisons"])
     assert (tmp_path / "quick" / "results.md").exists()
+
+
+def test_grid_search_scores_on_validation_users_and_never_reads_test(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # Prepare: two sampling temperatures for eps0, one seed; the split the search would score on if it used test.
+    from benchmark.datasets import load_splits
+    from benchmark.search import parse_grid, run_search
+    from popri.assets import load_tokenizer
+
+    config = dataclasses.replace(_tiny_config(tiny_model_dir, tmp_path), methods=("eps0",), seeds=1)  # type: ignore[type-var]
+    grid = parse_grid(["corpus.temperature=0.7,1.0"])
+    splits = load_splits(config.datasets[0], load_tokenizer(str(tiny_model_dir)), seed=config.seed)
+
+    # Execute
+    search = run_search(config, grid)
+
+    # Assert: one row per point, each scored on validation users only, the best one named, both pages written.
+    assert [r["point"] for r in search["rows"]] == [["corpus.temperature=0.7"], ["corpus.temperature=1.0"]]
+    assert len(search["best"]) == 1 and search["best"][0]["point"] in ([p["point"] for p in search["rows"]])
+    out = tmp_path / "out"
+    for point in ("corpus.temperature=0.7", "corpus.temperature=1.0"):
+        results = json.loads((out / point / "results.json").read_text())
+        ds = results["datasets"]["shakespeare"]
+        assert ds["scored_on"].startswith("validation") and results["config"]["tune"] is True
+        assert ds["splits"]["test"]["texts"] + ds["splits"]["validation"]["texts"] == len(splits.validation.texts)
+        (row,) = ds["results"]
+        assert sum(row["test_user_tokens"]) == row["test_tokens"]
+        assert len(row["test_user_tokens"]) == ds["splits"]["test"]["users"] < splits.validation.num_users
+        assert not list((out / point / "shakespeare" / "private").glob(f"test-embeddings-{splits.test.fingerprint()}*"))
+    assert "the test split was not read" in (out / "search.md").read_text()
+    assert json.loads((out / "search.json").read_text())["rows"] == search["rows"]

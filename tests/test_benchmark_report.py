@@ -268,3 +268,27 @@ def test_corpus_sampling_is_one_knob_shared_with_the_popri_run(tmp_path: Path) -
     ]:
         with pytest.raises(BenchConfigError, match=match):
             cli.config_from_args(_parser().parse_args(["bench", "--set", bad]))
+
+
+def test_grid_is_the_cartesian_product_and_bad_grids_name_the_key() -> None:
+    # Prepare / Execute
+    from benchmark.search import parse_grid, point_configs
+
+    grid = parse_grid(["corpus.temperature=0.7,1.0", "popri.beta=0.1,0.5,1"])
+    configs = point_configs(preset_config("quick", output="runs/s"), grid)
+
+    # Assert: 6 points, the first key slowest; every point is a tuning run in its own folder, with its values.
+    assert [p.assignments for p in grid][:2] == [
+        ("corpus.temperature=0.7", "popri.beta=0.1"),
+        ("corpus.temperature=0.7", "popri.beta=0.5"),
+    ]
+    assert len({c.output for _, c in configs}) == 6 and all(c.tune for _, c in configs)
+    assert configs[-1][1].corpus.temperature == 1.0 and configs[-1][1].popri.run_config().train.beta == 1.0
+    for bad, match in [
+        (["corpus.temperature=0.7,,1"], r"'grid corpus\.temperature'"),
+        (["corpus.temperature=1,1"], "listed twice"),
+        (["corpus.tempo=1,2"], "unknown field"),
+        (["corpus.generator=a,b"], "cannot vary the models"),
+    ]:
+        with pytest.raises(BenchConfigError, match=match):
+            point_configs(preset_config("quick"), parse_grid(bad))

@@ -13,13 +13,18 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import re
+import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from benchmark.config import BenchConfig, BenchConfigError, apply_overrides, parse_assignments
 from popri.checkpoint import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,28 @@ def markdown(search: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _public_key(config: BenchConfig) -> str:
+    """What a seed's public corpus, public base model and private-text embeddings depend on: points that agree on it
+    share them (a grid over, say, POPri's β would otherwise regenerate the same public corpus at every point)."""
+    d = config.to_dict()
+    return json.dumps([d["datasets"], d["corpus"], d["downstream"], d["seed"]], sort_keys=True, default=str)
+
+
+def _share_public(source: Path, target: Path) -> int:
+    """Copy the public corpora, base models and private embedding caches of ``source`` into ``target``; returns how
+    many files were copied (the point then runs with ``resume``, which reuses exactly these)."""
+    copied = 0
+    patterns = ("*/private/*.npy", "*/seed*/public.jsonl", "*/seed*/public.jsonl.seconds.json", "*/seed*/base_model.pt")
+    for pattern in patterns:
+        for path in source.glob(pattern):
+            dest = target / path.relative_to(source)
+            if not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest)
+                copied += 1
+    return copied
+
+
 def run_search(base: BenchConfig, grid: list[GridPoint], *, assets: Any = None) -> dict[str, Any]:
     """Run every grid point (models loaded once and shared), then write ``search.json`` and ``search.md``."""
     from benchmark.perf.report import source_commit
@@ -151,7 +178,15 @@ def run_search(base: BenchConfig, grid: list[GridPoint], *, assets: Any = None) 
         "seeds": base.seed_values(),
         "grid": [list(p.assignments) for p in grid],
     }
+    publics: dict[str, Path] = {}
     for point, config in configs:
+        key = _public_key(config)
+        if not base.resume:  # a fresh search starts every point afresh, whatever an earlier one left there
+            shutil.rmtree(config.output_dir, ignore_errors=True)
+        if key in publics and _share_public(publics[key], config.output_dir):
+            logger.info("%s: public corpora, base models and embeddings shared from %s", point.name, publics[key])
+            config = dataclasses.replace(config, resume=True)
+        publics.setdefault(key, config.output_dir)
         shared.config = config  # the loaded models are the same for every point; the settings are the point's
         done.append((point, run_benchmark(config, assets=shared)))
         search["rows"] = collect(done)

@@ -227,3 +227,26 @@ def test_grid_search_scores_on_validation_users_and_never_reads_test(tiny_model_
         assert not list((out / point / "shakespeare" / "private").glob(f"test-embeddings-{splits.test.fingerprint()}*"))
     assert "the test split was not read" in (out / "search.md").read_text()
     assert json.loads((out / "search.json").read_text())["rows"] == search["rows"]
+
+
+def test_grid_points_that_share_a_public_corpus_reuse_it_with_the_same_result(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a grid over a PE setting, which leaves the public corpus, base model and eps0 row unchanged.
+    from benchmark.search import parse_grid, run_search
+
+    config = dataclasses.replace(_tiny_config(tiny_model_dir, tmp_path), methods=("eps0",), seeds=1)  # type: ignore[type-var]
+
+    # Execute
+    with caplog.at_level("INFO", logger="benchmark.search"):
+        search = run_search(config, parse_grid(["pe.keep=3,4"]))
+
+    # Assert: the second point reused the first one's public corpus and got the same eps0 score as computing it.
+    out = tmp_path / "out"
+    first, second = (out / p / "shakespeare" / "seed0" / "public.jsonl" for p in ("pe.keep=3", "pe.keep=4"))
+    assert first.read_text() == second.read_text()
+    a, b = search["rows"]
+    assert a["accuracy_mean"] == b["accuracy_mean"] and a["point"] != b["point"]
+    assert [r.message for r in caplog.records if "shared from" in r.message] == [
+        f"pe.keep=4: public corpora, base models and embeddings shared from {out / 'pe.keep=3'}"
+    ]

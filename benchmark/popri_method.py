@@ -171,16 +171,14 @@ def run_popri_method(
 
 
 def round_samples(output: Path) -> dict[int, list[str]]:
-    """The samples of every POPri round whose checkpoint is still in ``output/checkpoints`` (popri keeps the newest
-    few): round number (1-based) -> texts. For benchmark diagnostics only (their metrics read private test text)."""
-    from popri.checkpoint import CHECKPOINT_PREFIX
+    """The samples of every POPri round (popri keeps each round's in ``output/samples/``, beyond checkpoint pruning):
+    round number (1-based) -> texts. For benchmark diagnostics only (their metrics read private held-out text)."""
+    from popri.report import SAMPLES_DIR
 
     out: dict[int, list[str]] = {}
-    folder = output / "checkpoints"
+    folder = output / SAMPLES_DIR
     if not folder.is_dir():
         return out
-    for ckpt in sorted(folder.iterdir()):
-        samples = ckpt / "samples.jsonl"
-        if ckpt.name.startswith(CHECKPOINT_PREFIX) and (ckpt / "meta.json").exists() and samples.exists():
-            out[int(ckpt.name[len(CHECKPOINT_PREFIX) :]) + 1] = read_corpus(samples)  # folders count from 0
+    for path in sorted(folder.glob("round-*.jsonl")):
+        out[int(path.stem[len("round-") :]) + 1] = read_corpus(path)  # files count rounds from 0
     return out

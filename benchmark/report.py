@@ -339,6 +339,20 @@ def markdown_table(results: dict[str, Any]) -> str:
                     f"| {_num(e.get('knn_precision'))} | {_num(e.get('knn_recall'))} |"
                 )
             lines.append("")
+        progress = [r for r in rows if r.get("round_metrics")]
+        if progress:
+            lines.append(
+                "POPri's progress: FID of each round's samples to the validation users (equal counts; lower is "
+                "closer). Non-private benchmark diagnostic, never part of a popri run."
+            )
+            lines.append("")
+            width = max(len(r["round_metrics"]) for r in progress)
+            lines.append("| ε | seed | " + " | ".join(f"round {i + 1}" for i in range(width)) + " |")
+            lines.append("|---" * (width + 2) + "|")
+            for r in sorted(progress, key=lambda r: (as_float(r["epsilon"]), _seed(r))):
+                fids = [_num(m.get("fid")) for m in r["round_metrics"]] + [""] * (width - len(r["round_metrics"]))
+                lines.append(f"| {_eps_label(r['epsilon'])} | {_seed(r)} | " + " | ".join(fids) + " |")
+            lines.append("")
         lines.append(
             "| method | ε target | seed | ε spent | σ | accuracy % | cross-entropy | gap closure % | selected "
             "| wall s | down / client / round | up / client / round |"

@@ -298,18 +298,21 @@ class Benchmark:
             )
         return np.asarray(prep.extras["private_embeddings"])
 
-    def _test_embeddings(self, prep: Prepared) -> np.ndarray:
+    def _held_out_embeddings(self, prep: Prepared, split: str) -> np.ndarray:
+        """Embeddings of the ``test`` or ``validation`` users' texts (cached per split content)."""
         from benchmark.pe import cached_text_embeddings
 
-        if "test_embeddings" not in prep.extras:
-            cache = prep.folder / "private" / f"test-embeddings-{prep.splits.test.fingerprint()}.npy"
-            prep.extras["test_embeddings"] = cached_text_embeddings(
-                self.assets.embedder, prep.splits.test.texts, cache=cache, progress=self.config.progress
+        key = f"{split}_embeddings"
+        if key not in prep.extras:
+            data = getattr(prep.splits, split)
+            cache = prep.folder / "private" / f"{split}-embeddings-{data.fingerprint()}.npy"
+            prep.extras[key] = cached_text_embeddings(
+                self.assets.embedder, data.texts, cache=cache, progress=self.config.progress
             )
-        return np.asarray(prep.extras["test_embeddings"])
+        return np.asarray(prep.extras[key])
 
-    def _distribution(self, prep: Prepared, texts: list[str], seed: int) -> dict[str, Any]:
-        """FID and k-NN precision/recall of ``texts`` against the test users' texts (non-private diagnostic)."""
+    def _distribution(self, prep: Prepared, texts: list[str], seed: int, *, against: str = "test") -> dict[str, Any]:
+        """FID and k-NN precision/recall of ``texts`` against the ``against`` users' texts (non-private diagnostic)."""
         from benchmark.distribution import distribution_metrics
         from popri.embedding import embed_texts
 
@@ -318,7 +321,7 @@ class Benchmark:
             return {"fid": None, "knn_precision": None, "knn_recall": None, "metric_samples": len(texts)}
         return distribution_metrics(
             np.asarray(embed_texts(self.assets.embedder, texts)),
-            self._test_embeddings(prep),
+            self._held_out_embeddings(prep, against),
             rng=np.random.default_rng([seed, 53]),
         )
 
@@ -439,7 +442,10 @@ class Benchmark:
             row["distribution_note"] = "vs the test users' texts: a benchmark diagnostic, non-private"
         if out.round_samples:
             rounds = sorted(out.round_samples.items())
-            row["round_metrics"] = [{"round": r, **self._distribution(prep, texts, rep.seed)} for r, texts in rounds]
+            row["round_metrics"] = [
+                {"round": r, **self._distribution(prep, texts, rep.seed, against="validation")} for r, texts in rounds
+            ]
+            row["round_metrics_note"] = "each round's K·J samples vs the validation users: benchmark-only, non-private"
         row["wall_seconds"] = time.time() - start
         self._record(prep.splits.name, row)
         return row

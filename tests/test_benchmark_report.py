@@ -292,3 +292,18 @@ def test_grid_is_the_cartesian_product_and_bad_grids_name_the_key() -> None:
     ]:
         with pytest.raises(BenchConfigError, match=match):
             point_configs(preset_config("quick"), parse_grid(bad))
+
+
+def test_round_samples_cover_every_round_not_only_the_kept_checkpoints(tmp_path: Path) -> None:
+    # Prepare: a popri run folder with four rounds' samples (popri prunes checkpoints to the newest two).
+    from benchmark.popri_method import round_samples
+    from popri.report import save_round_samples
+
+    for t in range(4):
+        save_round_samples(tmp_path, t, [{"prompt": 0, "text": f"round {t} a"}, {"prompt": 0, "text": f"round {t} b"}])
+
+    # Execute
+    rounds = round_samples(tmp_path)
+
+    # Assert: rounds numbered from 1, each with its own texts.
+    assert sorted(rounds) == [1, 2, 3, 4] and rounds[4] == ["round 3 a", "round 3 b"]

@@ -80,7 +80,9 @@ class PowerLaw:
 
     def predict(self, **x: float) -> float:
         """``c · Π_i x_i^{b_i}`` at the named values (every variable of the fit)."""
-        return self.coefficient * math.prod(float(x[v]) ** b for v, b in zip(self.variables, self.exponents, strict=True))
+        return self.coefficient * math.prod(
+            float(x[v]) ** b for v, b in zip(self.variables, self.exponents, strict=True)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -204,7 +206,7 @@ def synthetic_user_sums(
         stop = max(start + 1, int(np.searchsorted(ends, before + chunk_texts, side="right")))
         block = counts[start:stop]
         texts = rng.standard_normal((int(block.sum()), dim), dtype=np.float32)
-        texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+        texts /= np.sqrt(np.einsum("ij,ij->i", texts, texts))[:, None]
         offsets = np.concatenate([[0], np.cumsum(block)[:-1]])
         sums[start:stop] = np.add.reduceat(texts.astype(np.float64), offsets, axis=0)
         start = stop
@@ -281,14 +283,18 @@ def bench_scoring_growth(
     for u in sorted(users):
         sums, texts = synthetic_user_sums(users=u, texts_per_user=texts_per_user, rng=rng)
         emb = unit_sample_embeddings(samples=users_samples, rng=rng)
-        by_users.append({**score_point(user_sums=sums, sample_embeddings=emb, rng=rng, repeats=repeats), "texts": texts})
+        by_users.append(
+            {**score_point(user_sums=sums, sample_embeddings=emb, rng=rng, repeats=repeats), "texts": texts}
+        )
         logger.info("growth scoring: %d users, K·J=%d: %.4fs", u, users_samples, by_users[-1]["seconds"])
         del sums
     sums, texts = synthetic_user_sums(users=samples_users, texts_per_user=texts_per_user, rng=rng)
     by_samples = []
     for kj in sorted(samples):
         emb = unit_sample_embeddings(samples=kj, rng=rng)
-        by_samples.append({**score_point(user_sums=sums, sample_embeddings=emb, rng=rng, repeats=repeats), "texts": texts})
+        by_samples.append(
+            {**score_point(user_sums=sums, sample_embeddings=emb, rng=rng, repeats=repeats), "texts": texts}
+        )
         logger.info("growth scoring: %d users, K·J=%d: %.4fs", samples_users, kj, by_samples[-1]["seconds"])
     del sums
     points = by_users + by_samples
@@ -385,7 +391,10 @@ def _one_round(
     seconds["dpo"] = time.perf_counter() - start
     del dpo
     gc.collect()
-    detail = {"pairs": len(pairs), "tokens_per_sample": round(count_tokens(assets.tokenizer, samples) / len(samples), 1)}
+    detail = {
+        "pairs": len(pairs),
+        "tokens_per_sample": round(count_tokens(assets.tokenizer, samples) / len(samples), 1),
+    }
     return seconds, detail
 
 
@@ -441,7 +450,7 @@ def bench_round_growth(
         for s in STAGES
     }
     return {
-        "what": "one round's stages, each timed: generate (merge the policy's adapter into a bf16 copy, "
+        "what": "One round's stages, each timed: generate (merge the policy's adapter into a bf16 copy, "
         "sample_completions), embed (embed_texts), node scoring (NodeScorer.score, one node of synthetic users, q=1), "
         "DPO (LoraDPO.train_round on the K pairs, bf16 base); no transport, no noise, no checkpoint",
         "samples_per_prompt": j,
@@ -532,7 +541,7 @@ def extrapolate(
 
 
 def bench_growth(assets: PerfAssets, sizes: PerfSizes, *, seed: int) -> dict[str, Any]:
-    """Scoring sweeps, round sweep, fits, paper-size extrapolation and the generated reading (perf.json's ``growth``)."""
+    """perf.json's ``growth``: scoring sweeps, round sweep, fits, paper-size extrapolation, the generated reading."""
     rng = np.random.default_rng([seed, 29])
     scoring = bench_scoring_growth(
         users=size_list("growth-users", sizes.growth_users),
@@ -557,6 +566,10 @@ def bench_growth(assets: PerfAssets, sizes: PerfSizes, *, seed: int) -> dict[str
     growth["extrapolated"] = extrapolate(growth)
     growth["reading"] = growth_reading(growth)
     return growth
+
+
+def _nodes(n: int) -> str:
+    return f"{n} node" + ("s" if n != 1 else "")
 
 
 def _pct(x: float) -> str:
@@ -591,12 +604,19 @@ def growth_reading(growth: Mapping[str, Any]) -> list[str]:
         f"{1000 * slopes['samples']:.3g} MiB per 1,000 samples (linear fit), beside the node's own user-sum table "
         f"of U·{EMBEDDING_DIM}·8 bytes."
     )
+    per_user_table = EMBEDDING_DIM * 8 / _MIB
+    lines.append(
+        f"The call's memory grows by {slopes['users'] / per_user_table:.2f}× the user-sum table's "
+        f"{EMBEDDING_DIM * 8:,} bytes per user: NodeScorer.score gathers the sampled users' rows (at q = 1, all of "
+        "them) into a copy before scoring, so at q = 1 a node briefly holds its table twice; the K·J term is the "
+        "per-chunk score matrices (512 users × K·J, float64)."
+    )
     ex = extra["rows"]
     lines.append(
         f"Extrapolated to the paper's size (K·J={ex[0]['samples']:,}, K={ex[0]['prompts']:,} pairs, "
         f"{PAPER_CLIENTS:,} clients; far beyond the largest measured K·J={extra['largest_measured']['samples']:,}): "
         + "; ".join(
-            f"{r['nodes']} node{'s' if r['nodes'] > 1 else ''} ({r['users_per_node']:,.0f} users each): "
+            f"{_nodes(r['nodes'])} ({r['users_per_node']:,.0f} users each): "
             f"{STAGE_LABELS[r['dominant']]} dominates ({_stage_list(r)}), {r['total_s']:,.0f} s"
             for r in ex
         )
@@ -657,7 +677,7 @@ def growth_markdown(growth: Mapping[str, Any]) -> list[str]:
             f"| {r['samples']:,} | {r['prompts']:,} | "
             + " | ".join(_s(r["seconds"][s]) for s in STAGES)
             + f" | {_s(r['total_s'])} | {STAGE_LABELS[r['dominant']]} ({_pct(r['shares'][r['dominant']])}) | "
-            f"**{EXTRAPOLATED}**, {r['nodes']} node(s) of {r['users_per_node']:,.0f} users |"
+            f"**{EXTRAPOLATED}**, {_nodes(r['nodes'])} of {r['users_per_node']:,.0f} users |"
         )
     lines += [
         "",
@@ -666,30 +686,33 @@ def growth_markdown(growth: Mapping[str, Any]) -> list[str]:
         f"Node scoring: {scoring['function']}; {scoring['data']}; medians of {scoring['repeats']}; memory: "
         f"{scoring['memory']}.",
         "",
-        "| users per node | K·J | seconds | peak of the call MiB | user-sum table MiB | measured |",
-        "|---|---|---|---|---|---|",
+        "| users per node | K·J | seconds | peak of the call MiB | user-sum table MiB | sweep | measured |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for p in scoring["by_users"] + scoring["by_samples"]:
-        lines.append(
-            f"| {p['users']:,} | {p['samples']:,} | {_s(p['seconds'])} | {p['peak_call_mib']:,} | "
-            f"{p['user_sums_mib']:,} | yes |"
-        )
+    for sweep, points in (("users", scoring["by_users"]), ("K·J", scoring["by_samples"])):
+        for p in points:
+            lines.append(
+                f"| {p['users']:,} | {p['samples']:,} | {_s(p['seconds'])} | {p['peak_call_mib']:,} | "
+                f"{p['user_sums_mib']:,} | {sweep} | yes |"
+            )
     for r in extra["rows"]:
         lines.append(
             f"| {r['users_per_node']:,.0f} | {r['samples']:,} | {_s(r['seconds']['score'])} | "
-            f"{r['node_peak_call_mib']:,} | {r['node_user_sums_mib']:,} | **{EXTRAPOLATED}** ({r['nodes']} nodes) |"
+            f"{r['node_peak_call_mib']:,} | {r['node_user_sums_mib']:,} | - | "
+            f"**{EXTRAPOLATED}** ({_nodes(r['nodes'])}) |"
         )
     tf, mf = scoring["time_fit"], scoring["memory_fit"]
     lines += [
         "",
         f"![node scoring against users per node and K·J]({SCORING_PLOT})",
         "",
-        "Fits: " + "; ".join(
-            f"{STAGE_LABELS[s]} t = {round_['fits'][s]['coefficient']:.3g}·(K·J)^{round_['fits'][s]['exponents'][0]:.3f}"
-            f" (R² on logs {round_['fits'][s]['r2_log']:.3f})"
-            for s in STAGES
+        "Fits: "
+        + "; ".join(
+            f"{STAGE_LABELS[s]} t = {f['coefficient']:.3g}·(K·J)^{f['exponents'][0]:.3f} (R² on logs {f['r2_log']:.3f})"
+            for s, f in round_["fits"].items()
         )
-        + f"; node scoring t = {tf['coefficient']:.3g}·U^{tf['exponents'][0]:.3f}·(K·J)^{tf['exponents'][1]:.3f} "
+        + f" (against K·J at the round's {round_['users']:,} users); node scoring sweeps t = "
+        f"{tf['coefficient']:.3g}·U^{tf['exponents'][0]:.3f}·(K·J)^{tf['exponents'][1]:.3f} "
         f"(R² on logs {tf['r2_log']:.3f}, {tf['points']} points); peak MiB = {mf['intercept']:.4g} + "
         + " + ".join(f"{m:.4g}·{v}" for v, m in zip(mf["variables"], mf["slopes"], strict=True))
         + ".",
@@ -729,9 +752,7 @@ def write_growth_plots(output: Path, growth: Mapping[str, Any]) -> list[Path]:
             fit = PowerLaw.from_dict(round_["fits"][stage])
             (points,) = ax.plot(xs, [r["seconds"][stage] for r in round_["rows"]], "o-", label=STAGE_LABELS[stage])
             ax.plot(line, [fit.predict(samples=x) for x in line], "--", color=points.get_color(), alpha=0.6)
-            ax.plot(
-                [paper["samples"]], [paper["seconds"][stage]], "o", mfc="none", color=points.get_color(), ms=9
-            )
+            ax.plot([paper["samples"]], [paper["seconds"][stage]], "o", mfc="none", color=points.get_color(), ms=9)
         ax.plot(xs, [r["total_s"] for r in round_["rows"]], "k.-", label="round total")
         ax.axvline(paper["samples"], color="grey", ls=":")
         ax.set_xscale("log")
@@ -764,11 +785,20 @@ def write_growth_plots(output: Path, growth: Mapping[str, Any]) -> list[Path]:
         ax.plot(us, [p["seconds"] for p in by_u], "o-", label=f"measured, K·J={kj0:,}")
         ax.plot(u_line, [tf.predict(users=u, samples=kj0) for u in u_line], "--", alpha=0.6, label="fit")
         ax.plot(
-            u_line, [tf.predict(users=u, samples=paper["samples"]) for u in u_line], "--", alpha=0.6,
+            u_line,
+            [tf.predict(users=u, samples=paper["samples"]) for u in u_line],
+            "--",
+            alpha=0.6,
             label=f"fit at K·J={paper['samples']:,} ({EXTRAPOLATED})",
         )
-        ax.plot(paper_users, [r["seconds"]["score"] for r in extra["rows"]], "o", mfc="none", ms=9,
-                label="paper: 72,000 clients / 1, 8, 64 nodes")
+        ax.plot(
+            paper_users,
+            [r["seconds"]["score"] for r in extra["rows"]],
+            "o",
+            mfc="none",
+            ms=9,
+            label="paper: 72,000 clients / 1, 8, 64 nodes",
+        )
         ax.set_xlabel("users per node")
         ax.set_ylabel("seconds")
         ax.set_title("node scoring time")
@@ -797,8 +827,13 @@ def write_growth_plots(output: Path, growth: Mapping[str, Any]) -> list[Path]:
         kjs = [p["samples"] for p in by_kj]
         kj_line = np.geomspace(min(kjs), paper["samples"], 50)
         ax.plot(kjs, [p["seconds"] for p in by_kj], "o-", label=f"measured, {u0:,} users")
-        ax.plot(kj_line, [tf.predict(users=u0, samples=x) for x in kj_line], "--", alpha=0.6,
-                label=f"fit (to K·J={paper['samples']:,}: {EXTRAPOLATED})")
+        ax.plot(
+            kj_line,
+            [tf.predict(users=u0, samples=x) for x in kj_line],
+            "--",
+            alpha=0.6,
+            label=f"fit (to K·J={paper['samples']:,}: {EXTRAPOLATED})",
+        )
         ax.axvline(paper["samples"], color="grey", ls=":")
         ax.set_xlabel("K·J samples")
         ax.set_ylabel("seconds")

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from benchmark.perf.growth import bench_growth
 from benchmark.perf.inputs import (
     PerfAssets,
     PerfSizes,
@@ -22,7 +23,6 @@ from benchmark.perf.inputs import (
     saved_samples,
 )
 from benchmark.perf.report import source_commit, write_report
-from benchmark.perf.growth import bench_growth
 from benchmark.perf.schema import COMPARISONS, DEFAULT_COMPARISONS
 from benchmark.perf.stages import (
     GenerationPeers,

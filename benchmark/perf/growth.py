@@ -40,7 +40,7 @@ import numpy as np
 
 from benchmark.perf.inputs import EMBEDDING_DIM, PerfAssets, PerfSizes, perf_prompts
 from benchmark.perf.schema import size_list
-from benchmark.perf.timing import count_tokens, interleaved, median, peak_memory_mib, sig
+from benchmark.perf.timing import count_tokens, interleaved, median, sig
 
 logger = logging.getLogger(__name__)
 
@@ -398,6 +398,15 @@ def _one_round(
     return seconds, detail
 
 
+def _stage_fit(rows: Sequence[Mapping[str, Any]], stage: str) -> dict[str, Any]:
+    """The stage's power law over every size, plus ``slope_largest_two`` = log(t_n / t_{n-1}) / log(x_n / x_{n-1})
+    between the two largest sizes (where fixed costs weigh least): a check on the extrapolation's slope."""
+    xs = [float(r["samples"]) for r in rows]
+    ts = [float(r["seconds"][stage]) for r in rows]
+    local = math.log(ts[-1] / ts[-2]) / math.log(xs[-1] / xs[-2])
+    return {**fit_power_law(x={"samples": xs}, y=ts).to_dict(), "slope_largest_two": round(local, 4)}
+
+
 def bench_round_growth(
     assets: PerfAssets,
     sizes: PerfSizes,
@@ -445,10 +454,7 @@ def bench_round_growth(
             }
         )
         logger.info("growth round: K·J=%d: %s", kj, ", ".join(f"{s} {med[s]:.3g}s" for s in STAGES))
-    fits = {
-        s: fit_power_law(x={"samples": [r["samples"] for r in rows]}, y=[r["seconds"][s] for r in rows]).to_dict()
-        for s in STAGES
-    }
+    fits = {s: _stage_fit(rows, s) for s in STAGES}
     return {
         "what": "One round's stages, each timed: generate (merge the policy's adapter into a bf16 copy, "
         "sample_completions), embed (embed_texts), node scoring (NodeScorer.score, one node of synthetic users, q=1), "
@@ -465,7 +471,6 @@ def bench_round_growth(
         "fits": fits,
         "fit_note": "every stage fitted against K·J on log-log axes (t = c · (K·J)^b); at fixed J, K ∝ K·J, so DPO's "
         "slope in its K pairs is the same b",
-        **peak_memory_mib(),
     }
 
 
@@ -593,7 +598,11 @@ def growth_reading(growth: Mapping[str, Any]) -> list[str]:
         + "; ".join(f"K·J={r['samples']:,}: {_stage_list(r)}" for r in rows)
         + ".",
         "Slopes (t ∝ (K·J)^b, log-log least squares): "
-        + ", ".join(f"{STAGE_LABELS[s]} b={round_['fits'][s]['exponents'][0]:.2f}" for s in STAGES)
+        + ", ".join(
+            f"{STAGE_LABELS[s]} b={f['exponents'][0]:.2f}"
+            + (f" ({f['slope_largest_two']:.2f} between the two largest sizes)" if "slope_largest_two" in f else "")
+            for s, f in round_["fits"].items()
+        )
         + ".",
     ]
     tf, mf = scoring["time_fit"], scoring["memory_fit"]

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmark.perf.schema import COMPARISONS, WORKER_PEER_NAMES, PerfSizes, sizes_with_overrides
+from benchmark.perf.schema import COMPARISONS, DEFAULT_COMPARISONS, WORKER_PEER_NAMES, PerfSizes, sizes_with_overrides
 from popri.config import ConfigError, default_cache_dir, split_assignment
 
 if TYPE_CHECKING:
@@ -40,7 +40,8 @@ def _add_perf_flags(group: Any, *, short_names: bool) -> None:
         nargs="+",
         choices=COMPARISONS,
         default=None,
-        help="perf: measure only these (the others keep their values from an existing OUTPUT/perf.json)",
+        help="perf: measure only these (the others keep their values from an existing OUTPUT/perf.json); 'growth' "
+        "(how cost grows against K·J and users per node, ~25 min at default sizes) runs only when named here",
     )
     group.add_argument(
         *names("size"),
@@ -48,9 +49,10 @@ def _add_perf_flags(group: Any, *, short_names: bool) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="perf: override one size, e.g. prompts=16, repeats-generation=1 or dpo-pairs=32 (keys: "
+        help="perf: override one size, e.g. prompts=16, repeats-generation=1, dpo-pairs=32 or growth-kj=128,256,512 "
+        "(keys: "
         + ", ".join(f.replace("_", "-") for f in PerfSizes.__dataclass_fields__)
-        + ")",
+        + "; the growth-* lists are comma-separated)",
     )
     group.add_argument(
         *names("threads"),
@@ -129,7 +131,7 @@ def main(args: argparse.Namespace) -> int:
         output,
         quick=quick,
         sizes=sizes,
-        only=tuple(getattr(args, "perf_only", None) or COMPARISONS),
+        only=tuple(getattr(args, "perf_only", None) or DEFAULT_COMPARISONS),
         cache_dir=getattr(args, "cache_dir", None) or "",
         seed=int(getattr(args, "seed", None) or 0),
         threads=getattr(args, "perf_threads", None),

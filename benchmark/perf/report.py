@@ -34,8 +34,13 @@ def source_commit(repo: Path = _REPO) -> str:
 
 
 def write_report(output: Path, result: dict[str, Any]) -> None:
-    """``output/perf.json`` (everything measured) and ``output/perf.md`` (:func:`render_markdown`)."""
+    """``output/perf.json`` (everything measured), ``output/perf.md`` (:func:`render_markdown`) and, when perf.json
+    has a ``growth`` section, its plots beside them (:func:`benchmark.perf.growth.write_growth_plots`)."""
     atomic_write_json(output / "perf.json", result)
+    if result.get("growth"):
+        from benchmark.perf.growth import write_growth_plots
+
+        write_growth_plots(output, result["growth"])
     atomic_write_text(output / "perf.md", render_markdown(result))
 
 
@@ -52,7 +57,7 @@ def _mib(n: int) -> str:
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    """perf.md: the comparisons, the round's stages, the cache check, communication and the machine."""
+    """perf.md: the comparisons, the round's stages, the cache check, communication, how cost grows, the machine."""
     m = result["machine"]
     lines = [
         "# popri performance" + (" (--quick)" if result["quick"] else ""),
@@ -186,4 +191,9 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"DP-FedAvg / POPri: down x{comm['ratio_down_dpfedavg_over_popri']}, "
             f"up x{comm['ratio_up_dpfedavg_over_popri']}, total x{comm['ratio_total_dpfedavg_over_popri']}.",
         ]
+    growth = result.get("growth")
+    if growth:
+        from benchmark.perf.growth import growth_markdown
+
+        lines += growth_markdown(growth)
     return "\n".join(lines) + "\n"

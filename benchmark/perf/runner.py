@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from benchmark.perf.growth import bench_growth
 from benchmark.perf.inputs import (
     PerfAssets,
     PerfSizes,
@@ -22,7 +23,7 @@ from benchmark.perf.inputs import (
     saved_samples,
 )
 from benchmark.perf.report import source_commit, write_report
-from benchmark.perf.schema import COMPARISONS
+from benchmark.perf.schema import COMPARISONS, DEFAULT_COMPARISONS
 from benchmark.perf.stages import (
     GenerationPeers,
     bench_dpo,
@@ -60,7 +61,7 @@ def run_perf(
     output: Path,
     *,
     quick: bool = False,
-    only: tuple[str, ...] = COMPARISONS,
+    only: tuple[str, ...] = DEFAULT_COMPARISONS,
     assets: PerfAssets | None = None,
     sizes: PerfSizes | None = None,
     cache_dir: str = "",
@@ -74,7 +75,8 @@ def run_perf(
     time it was measured), so the harness can be run one comparison at a time on a busy machine. ``threads`` sets
     torch's intra-op threads for popri and its peers alike (on a CPU shared with other busy processes, 1 thread can
     be several times faster than 2: the threads wait for each other at every parallel region). ``peers`` says which
-    interpreters hold the optional generation peers.
+    interpreters hold the optional generation peers. ``growth`` (how cost grows, :mod:`benchmark.perf.growth`) runs
+    only when named in ``only``: at default sizes it measures for tens of minutes.
     """
     unknown = sorted(set(only) - set(COMPARISONS))
     if unknown:
@@ -134,6 +136,7 @@ def _run_perf(
         "threads_check": previous.get("threads_check"),
         "ablations": previous.get("ablations") or {},
         "communication": previous.get("communication"),
+        "growth": previous.get("growth"),
     }
     rows: dict[str, dict[str, Any]] = {r["name"]: r for r in previous.get("comparisons", [])}
     prompts = perf_prompts(assets, sizes, seed=seed)
@@ -179,6 +182,8 @@ def _run_perf(
                 token_budget=sizes.token_budget,
             )
             result["communication"] = {**comm, **when(now)}
+        if "growth" in only:  # last: its 10^6-user node holds GiBs that no other measurement should share
+            result["growth"] = {**bench_growth(assets, sizes, seed=seed), **when(now)}
     result["matmul_peak_gflops"]["float32_after"] = round(matmul_gflops(torch.float32), 1)
     if result["stages"]:
         rows["round"] = round_row(result["stages"], rows)

@@ -21,7 +21,11 @@ COMPARISONS = (
     "round",
     "communication",
     "threads",
+    "growth",
 )
+# Run only when named (``--only growth``): at default sizes it measures for tens of minutes.
+OPT_IN_COMPARISONS = ("growth",)
+DEFAULT_COMPARISONS = tuple(c for c in COMPARISONS if c not in OPT_IN_COMPARISONS)
 # Generation peers that run in their own interpreter (benchmark/perf/peer_worker.py), by --peer-python NAME.
 WORKER_PEER_NAMES = ("ctranslate2", "openvino", "vllm")
 
@@ -33,6 +37,19 @@ _TRAIN = TrainConfig()
 def _check(ok: bool, key: str, why: str) -> None:
     if not ok:
         raise ConfigError(f"invalid perf size '{key}': {why}")
+
+
+def size_list(key: str, text: str) -> tuple[int, ...]:
+    """``"128,256,512"`` -> ``(128, 256, 512)``: sorted, duplicates dropped, each >= 1, at least two distinct sizes
+    (a slope needs two points). ``key`` is the kebab-case size name the error names.
+    """
+    try:
+        values = sorted({int(part) for part in str(text).replace(" ", "").split(",") if part})
+    except ValueError:
+        raise ConfigError(f"invalid perf size '{key}': expected comma-separated integers, got {text!r}") from None
+    _check(len(values) >= 2, key, f"give at least two distinct sizes (a slope needs two points), got {text!r}")
+    _check(values[0] >= 1, key, f"every size must be >= 1, got {text!r}")
+    return tuple(values)
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,16 @@ class PerfSizes:
     repeats_generation: int = 2
     repeats_scoring: int = 5
     repeats_dpo: int = 1
+    # "How cost grows" (benchmark/perf/growth.py, --only growth): comma-separated size lists.
+    growth_users: str = "1000,10000,100000,1000000"  # users per node of the scoring sweep (U)
+    growth_users_samples: int = 128  # K·J of the users sweep
+    growth_scoring_samples: str = "128,256,512,1024,2048"  # K·J of the scoring sweep at fixed U
+    growth_scoring_users: int = 10000  # U of that sweep
+    growth_texts_per_user: float = 10.0  # mean private texts summed into each synthetic user
+    growth_kj: str = "128,256,512,1024,2048"  # K·J of the round sweep (J = samples-per-prompt, K = K·J / J)
+    growth_round_users: int = 1400  # users of the round's one node (a default run's Shakespeare has ~1,400)
+    repeats_growth_scoring: int = 3
+    repeats_growth_round: int = 1
 
     def __post_init__(self) -> None:
         # The sizes a run also has are checked by the run's own dataclasses (their errors name the run key).
@@ -75,8 +102,23 @@ class PerfSizes:
         _check(self.texts_per_user >= 1, "texts-per-user", f"a mean of >= 1 text, got {self.texts_per_user}")
         _check(self.cache_users >= 1, "cache-users", f"must be >= 1, got {self.cache_users}")
         _check(self.round_max_users >= 0, "round-max-users", f"must be >= 0 (0 = all), got {self.round_max_users}")
-        for key in ("repeats_generation", "repeats_scoring", "repeats_dpo"):
+        for key in (
+            "repeats_generation",
+            "repeats_scoring",
+            "repeats_dpo",
+            "repeats_growth_scoring",
+            "repeats_growth_round",
+            "growth_users_samples",
+            "growth_scoring_users",
+            "growth_round_users",
+        ):
             _check(getattr(self, key) >= 1, key.replace("_", "-"), f"must be >= 1, got {getattr(self, key)}")
+        _check(self.growth_texts_per_user >= 1, "growth-texts-per-user", "a mean of >= 1 text")
+        size_list("growth-users", self.growth_users)
+        size_list("growth-scoring-samples", self.growth_scoring_samples)
+        j = self.samples_per_prompt
+        bad = [kj for kj in size_list("growth-kj", self.growth_kj) if kj % j]
+        _check(not bad, "growth-kj", f"each K·J must be a multiple of samples-per-prompt J={j}, got {bad}")
 
     @classmethod
     def quick(cls) -> PerfSizes:
@@ -91,6 +133,13 @@ class PerfSizes:
             round_max_users=10,
             round_initial_set=6,
             repeats_scoring=3,
+            growth_users="200,1000",
+            growth_users_samples=16,
+            growth_scoring_samples="16,64",
+            growth_scoring_users=500,
+            growth_kj="8,16",
+            growth_round_users=50,
+            repeats_growth_scoring=2,
         )
 
 

@@ -531,7 +531,7 @@ class NodeScorer:
                 f"(dimension {self.user_sums.shape[1]})",
             )
         users = poisson_sample(num_users=self.num_users, sample_rate=sample_rate, rng=rng)
-        return clipped_scores_sum(sample_embeddings, self.user_sums[users]), int(users.size)
+        return clipped_scores_sum(sample_embeddings, self.user_sums, users=users), int(users.size)
 
 
 # In simulation one process serves several virtual nodes: prepared scorers are keyed by everything that selects the

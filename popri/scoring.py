@@ -72,15 +72,21 @@ def _warn_non_finite() -> None:
     logger.warning("some users' private embeddings are not finite: they contribute a zero vector")
 
 
-def clipped_scores_sum(sample_embeddings: np.ndarray, user_sums: np.ndarray, *, chunk: int = 512) -> np.ndarray:
-    """Σ_u clip(z_u) over the given users, vectorised in chunks of users to bound memory. Shape (samples,).
+def clipped_scores_sum(
+    sample_embeddings: np.ndarray, user_sums: np.ndarray, *, users: np.ndarray | None = None, chunk: int = 512
+) -> np.ndarray:
+    """Σ_u clip(z_u) over the rows ``users`` of ``user_sums`` (all rows when None), vectorised in chunks of users to
+    bound memory: only one chunk of rows is gathered at a time, never a copy of the node's whole table. Shape
+    (samples,).
 
     Sensitivity: adding or removing one user moves the sum by at most ``SENSITIVITY`` (= 1) in L2.
     """
     total = np.zeros(sample_embeddings.shape[0], dtype=np.float64)
     broken = False
-    for start in range(0, user_sums.shape[0], chunk):
-        raw = raw_user_scores(sample_embeddings, user_sums[start : start + chunk])
+    count = user_sums.shape[0] if users is None else users.shape[0]
+    for start in range(0, count, chunk):
+        block = user_sums[start : start + chunk] if users is None else user_sums[users[start : start + chunk]]
+        raw = raw_user_scores(sample_embeddings, block)
         rows, chunk_broken = _clip_rows(raw, max_norm=SENSITIVITY, eps=1e-12)
         total += rows.sum(axis=0)
         broken = broken or chunk_broken

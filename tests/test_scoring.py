@@ -174,6 +174,20 @@ def test_chunking_does_not_change_the_sum(chunk: int) -> None:
     np.testing.assert_allclose(total, unchunked, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 512])
+def test_a_subset_of_rows_sums_exactly_those_users(chunk: int) -> None:
+    # prepare: 40 users, of which a sampled subset (repeats allowed in the index, as numpy indexing allows)
+    samples, private, owner = _random_users(9, num_users=40, num_samples=15)
+    sums = user_embedding_sums(private, owner, num_users=40)
+    users = np.array([0, 3, 4, 17, 39, 21])
+
+    # execute
+    total = clipped_scores_sum(samples, sums, users=users, chunk=chunk)
+
+    # assert: the same as summing a gathered copy of those rows
+    np.testing.assert_allclose(total, clipped_scores_sum(samples, sums[users]), rtol=0, atol=1e-12)
+
+
 def test_scores_do_not_depend_on_the_dtype_of_the_embeddings() -> None:
     # prepare: embedders return float32; the scores are computed in float64 either way
     samples, private, owner = _random_users(8)

@@ -16,8 +16,8 @@ both extrapolated to the paper's sizes from the measured slopes.
   (:meth:`popri.dpo.LoraDPO.train_round` on the round's K pairs).
 - **Fits** (:func:`fit_power_law`, :func:`fit_linear`): every time is fitted as a power law by least squares on
   log-log axes, ``log t = log c + Σ_i b_i log x_i``; node scoring in two variables, ``t = c · U^a · (K·J)^b``. The
-  peak memory of node scoring is fitted linearly, ``m = m0 + m_U · U + m_KJ · K·J`` (the gathered user sums grow
-  with U, the per-chunk score matrices with K·J).
+  peak memory of node scoring is fitted linearly, ``m = m0 + m_U · U + m_KJ · K·J`` (the sampled-user index grows
+  with U, the per-chunk score matrices with K·J; the user-sum table is allocated before the call).
 - **Extrapolation** (:func:`extrapolate`): each stage at the paper's size (K = 1,800, J = 10, so K·J = 18,000;
   72,000 clients spread evenly over 1, 8 or 64 nodes that score in parallel), every row labelled ``extrapolated``.
 """

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from popri.config import ConfigError, default_cache_dir, split_assignment
+from popri.config import ConfigError, coerce_value, default_cache_dir, split_assignment
 
 METHODS: tuple[str, ...] = ("eps0", "epsinf", "oracle", "dpfedavg", "pe", "popri")
 PRIVATE_METHODS: tuple[str, ...] = ("dpfedavg", "pe", "popri")
@@ -425,24 +425,14 @@ def preset_config(name: str, **overrides: Any) -> BenchConfig:
 _SECTIONS = ("downstream", "corpus", "dpfedavg", "pe", "popri", "data")
 
 
-def _coerce(key: str, raw: str, current: Any) -> Any:
-    """``raw`` converted to the type of the field's current value; errors name the key."""
+def _coerce(key: str, raw: str, part: Any, attr: str) -> Any:
+    """``raw`` converted to the type the dataclass ``part`` declares for ``attr``, by popri's one value parser (the same
+    rules as ``popri run``: no bool for a number, no NaN or inf, ``none`` for an optional); errors name the key."""
+    type_name = {f.name: f.type for f in dataclasses.fields(part)}[attr]
     try:
-        if isinstance(current, bool):
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(raw)
-            return raw.lower() in ("true", "1")
-        if isinstance(current, int) and not isinstance(current, bool):
-            return int(raw)
-        if isinstance(current, float):
-            return float(raw)
-        if current is None:  # optional numbers (noise-seed)
-            return None if raw.lower() in ("", "none") else int(raw)
-        return raw
-    except ValueError:
-        raise BenchConfigError(
-            f"invalid benchmark key '{key}': expected {type(current).__name__}, got {raw!r}"
-        ) from None
+        return coerce_value(key, raw, str(type_name))
+    except ConfigError as err:
+        raise BenchConfigError(str(err).replace("invalid config key", "invalid benchmark key")) from None
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:
@@ -482,7 +472,7 @@ def apply_overrides(config: BenchConfig, assignments: list[str]) -> BenchConfig:
             if attr not in {f.name for f in dataclasses.fields(DataSpec)}:
                 raise BenchConfigError(f"invalid benchmark key '{key}': unknown field")
             specs = tuple(
-                dataclasses.replace(d, **{attr: _coerce(key, raw, getattr(d, attr))}) for d in config.datasets
+                dataclasses.replace(d, **{attr: _coerce(key, raw, d, attr)}) for d in config.datasets
             )
             config = dataclasses.replace(config, datasets=specs)
         elif section == "popri":
@@ -491,7 +481,7 @@ def apply_overrides(config: BenchConfig, assignments: list[str]) -> BenchConfig:
             part = getattr(config, section)
             if attr not in {f.name for f in dataclasses.fields(part)}:
                 raise BenchConfigError(f"invalid benchmark key '{key}': unknown field")
-            new = dataclasses.replace(part, **{attr: _coerce(key, raw, getattr(part, attr))})
+            new = dataclasses.replace(part, **{attr: _coerce(key, raw, part, attr)})
             config = dataclasses.replace(config, **{section: new})
         else:
             simple = {
@@ -507,5 +497,5 @@ def apply_overrides(config: BenchConfig, assignments: list[str]) -> BenchConfig:
             }
             if attr not in simple:
                 raise BenchConfigError(f"invalid benchmark key '{key}': top-level keys are {', '.join(sorted(simple))}")
-            config = dataclasses.replace(config, **{attr: _coerce(key, raw, getattr(config, attr))})
+            config = dataclasses.replace(config, **{attr: _coerce(key, raw, config, attr)})
     return config

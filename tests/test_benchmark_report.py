@@ -307,3 +307,20 @@ def test_round_samples_cover_every_round_not_only_the_kept_checkpoints(tmp_path:
 
     # Assert: rounds numbered from 1, each with its own texts.
     assert sorted(rounds) == [1, 2, 3, 4] and rounds[4] == ["round 3 a", "round 3 b"]
+
+
+def test_set_values_follow_the_run_config_parsing_rules() -> None:
+    from benchmark.config import apply_overrides
+
+    # Prepare / Execute: an optional int set to none, a float given as an int.
+    config = apply_overrides(preset_config("quick", noise_seed=3), ["noise-seed=none", "delta=1e-5"])
+
+    # Assert: typed by the declared field type; NaN, a word or a fraction for an int are refused by key.
+    assert config.noise_seed is None and config.delta == 1e-5
+    for bad, match in [
+        ("downstream.learning-rate=nan", r"'downstream\.learning-rate'"),
+        ("seeds=true", r"'seeds': expected int"),
+        ("dpfedavg.rounds=2.5", r"'dpfedavg\.rounds'"),
+    ]:
+        with pytest.raises(BenchConfigError, match=match):
+            apply_overrides(preset_config("quick"), [bad])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import re
@@ -97,6 +98,17 @@ def _autocast(device: torch.device, enabled: bool | None) -> contextlib.Abstract
     return torch.autocast(device.type, dtype=autocast_dtype(device))
 
 
+def _last_logits(model: Any) -> dict[str, int]:
+    """``logits_to_keep=1`` where the model takes it: the prefill then skips the output layer on every prompt position
+    but the last (a 576 x 49,152 matmul per token for SmolLM2; measured ~15 % of a 32-prompt prefill on CPU)."""
+    forward = getattr(model, "forward", None)
+    try:
+        takes = forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    return {"logits_to_keep": 1} if takes else {}
+
+
 @torch.no_grad()
 def _sample_batch(
     model: Any,
@@ -115,7 +127,7 @@ def _sample_batch(
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with _autocast(device, autocast):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **_last_logits(model))
     cache = out.past_key_values
     cache.batch_repeat_interleave(samples_per_prompt)  # prefill once, decode J samples from the same cache
     logits = out.logits[:, -1].repeat_interleave(samples_per_prompt, dim=0)
@@ -165,8 +177,15 @@ def sample_completions(
     progress: bool = False,
     desc: str = "generate",
 ) -> list[str]:
-    """K·J cleaned completions, the J samples of prompt k at positions k·J .. k·J+J−1."""
-    samples: list[str] = []
+    """K·J cleaned completions, the J samples of prompt k at positions k·J .. k·J+J−1.
+
+    Prompts are decoded in batches of similar token length (a left-padded batch computes every row at the length of
+    its longest prompt); the samples come back in the prompts' order.
+    """
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])  # stable: equal lengths keep their order
+    by_length = [prompts[i] for i in order]
+    samples_sorted: list[str] = []
     batches = range(0, len(prompts), batch_size)
     # Progress in samples; a single batch gets no bar (it would jump from 0 to done in one step).
     bar = tqdm(
@@ -180,7 +199,7 @@ def sample_completions(
         raw = _sample_batch(
             model,
             tokenizer,
-            prompts[start : start + batch_size],
+            by_length[start : start + batch_size],
             samples_per_prompt=samples_per_prompt,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -188,9 +207,14 @@ def sample_completions(
             generator=generator,
             autocast=autocast,
         )
-        samples += [clean_completion(t) for t in raw]
+        samples_sorted += [clean_completion(t) for t in raw]
         bar.update(len(raw))
     bar.close()
+    samples = [""] * len(samples_sorted)
+    for rank, i in enumerate(order):  # prompt i's J samples were decoded at sorted position ``rank``
+        samples[i * samples_per_prompt : (i + 1) * samples_per_prompt] = samples_sorted[
+            rank * samples_per_prompt : (rank + 1) * samples_per_prompt
+        ]
     return truncate_tokens(samples, tokenizer, token_budget)
 
 

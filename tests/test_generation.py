@@ -124,6 +124,36 @@ def test_shared_prefill_cache_gives_the_same_logits_as_a_full_forward():
     assert sampled == expected
 
 
+def test_length_sorted_batches_return_each_prompts_samples_in_its_place():
+    # Prepare: prompts out of length order across several batches; greedy decoding, so each sample is a known string
+    tok = byte_tokenizer()
+    model = tiny_causal_lm(tok, seed=3)
+    prompts = ["a rather long prompt, the longest\n", "x\n", "medium length\n", "yz\n", "another long one here\n"]
+
+    def greedy(prompt: str) -> str:
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            for _ in range(5):
+                ids = torch.cat([ids, model(input_ids=ids).logits[0, -1].argmax().view(1, 1)], dim=1)
+        return clean_completion(tok.decode(ids[0, -5:], skip_special_tokens=True))
+
+    # Execute
+    sampled = sample_completions(
+        model,
+        tok,
+        prompts,
+        samples_per_prompt=2,
+        max_new_tokens=5,
+        token_budget=64,
+        temperature=1e-4,
+        batch_size=2,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+    # Assert: prompt k's J samples sit at k·J .. k·J+J−1, whatever batch its length put it in
+    assert sampled == [greedy(p) for p in prompts for _ in range(2)]
+
+
 def test_initial_set_is_cached_and_reused(tmp_path):
     tok = byte_tokenizer()
     model = tiny_causal_lm(tok)

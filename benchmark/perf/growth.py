@@ -300,8 +300,8 @@ def bench_scoring_growth(
     points = by_users + by_samples
     x = {"users": [p["users"] for p in points], "samples": [p["samples"] for p in points]}
     return {
-        "function": "popri.node.NodeScorer.score at sample_rate=1 (Poisson sampling, the gather of the sampled users' "
-        "sums, then popri.scoring.clipped_scores_sum in chunks of 512 users)",
+        "function": "popri.node.NodeScorer.score at sample_rate=1 (Poisson sampling, then "
+        "popri.scoring.clipped_scores_sum over the sampled users, 512 rows gathered at a time)",
         "data": f"synthetic: per-user sums of Geometric(mean {texts_per_user:g}) unit-norm {EMBEDDING_DIM}-dim "
         "float32 embeddings (seeded numpy Generator), unit-norm sample embeddings",
         "memory": "tracemalloc peak of one untimed call above what was traced at its start (numpy array buffers and "

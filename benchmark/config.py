@@ -471,9 +471,7 @@ def apply_overrides(config: BenchConfig, assignments: list[str]) -> BenchConfig:
         if section == "data":
             if attr not in {f.name for f in dataclasses.fields(DataSpec)}:
                 raise BenchConfigError(f"invalid benchmark key '{key}': unknown field")
-            specs = tuple(
-                dataclasses.replace(d, **{attr: _coerce(key, raw, d, attr)}) for d in config.datasets
-            )
+            specs = tuple(dataclasses.replace(d, **{attr: _coerce(key, raw, d, attr)}) for d in config.datasets)
             config = dataclasses.replace(config, datasets=specs)
         elif section == "popri":
             config = _with_popri_key(config, name, raw)

@@ -616,9 +616,8 @@ def growth_reading(growth: Mapping[str, Any]) -> list[str]:
     per_user_table = EMBEDDING_DIM * 8 / _MIB
     lines.append(
         f"The call's memory grows by {slopes['users'] / per_user_table:.2f}× the user-sum table's "
-        f"{EMBEDDING_DIM * 8:,} bytes per user: NodeScorer.score gathers the sampled users' rows (at q = 1, all of "
-        "them) into a copy before scoring, so at q = 1 a node briefly holds its table twice; the K·J term is the "
-        "per-chunk score matrices (512 users × K·J, float64)."
+        f"{EMBEDDING_DIM * 8:,} bytes per user (the sampled-user index; rows are gathered 512 at a time, never the "
+        "whole table), and with K·J by the per-chunk score matrices (512 users × K·J, float64)."
     )
     ex = extra["rows"]
     lines.append(

@@ -289,17 +289,10 @@ class Benchmark:
         return prep
 
     def private_embeddings(self, prep: Prepared) -> np.ndarray:
-        from benchmark.pe import cached_text_embeddings
+        return self.split_embeddings(prep, "train")
 
-        if "private_embeddings" not in prep.extras:
-            cache = prep.folder / "private" / f"train-embeddings-{prep.splits.train.fingerprint()}.npy"
-            prep.extras["private_embeddings"] = cached_text_embeddings(
-                self.assets.embedder, prep.splits.train.texts, cache=cache, progress=self.config.progress
-            )
-        return np.asarray(prep.extras["private_embeddings"])
-
-    def _held_out_embeddings(self, prep: Prepared, split: str) -> np.ndarray:
-        """Embeddings of the ``test`` or ``validation`` users' texts (cached per split content)."""
+    def split_embeddings(self, prep: Prepared, split: str) -> np.ndarray:
+        """Embeddings of the ``train``, ``validation`` or ``test`` users' texts (cached per split content)."""
         from benchmark.pe import cached_text_embeddings
 
         key = f"{split}_embeddings"
@@ -321,7 +314,7 @@ class Benchmark:
             return {"fid": None, "knn_precision": None, "knn_recall": None, "metric_samples": len(texts)}
         return distribution_metrics(
             np.asarray(embed_texts(self.assets.embedder, texts)),
-            self._held_out_embeddings(prep, against),
+            self.split_embeddings(prep, against),
             rng=np.random.default_rng([seed, 53]),
         )
 

@@ -35,6 +35,7 @@ POPRI_MANAGED_KEYS: dict[str, str] = {
     "temperature": "corpus.temperature",
     "top-p": "corpus.top-p",
     "final-samples": "corpus.samples",
+    "final-samples-per-prompt": "corpus.samples-per-prompt",
     "epsilon": "--epsilons",
     "delta": "delta",
     "accountant": "accountant",
@@ -156,6 +157,13 @@ class CorpusConfig:
         default=1.0, metadata={"help": "sampling temperature of every corpus and of POPri's rounds (one knob for all)"}
     )
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass, shared the same way"})
+    samples_per_prompt: int = field(
+        default=1,
+        metadata={
+            "help": "completions per prompt in every corpus the downstream trains on (public, eps0's, PE's, "
+            "POPri's final); > 1 prefills each prompt once for all of them"
+        },
+    )
     initial_set_size: int = field(default=64, metadata={"help": "public seed samples the prompts draw from"})
     generation_batch_size: int = field(default=32, metadata={"help": "prompts decoded together"})
     instruction: str = field(
@@ -173,6 +181,9 @@ class CorpusConfig:
             f"must be finite and > 0, got {self.temperature}",
         )
         _check(0 < self.top_p <= 1, "corpus.top-p", f"must be in (0, 1], got {self.top_p}")
+        _check(
+            self.samples_per_prompt >= 1, "corpus.samples-per-prompt", f"must be >= 1, got {self.samples_per_prompt}"
+        )
         _check(self.initial_set_size >= 3, "corpus.initial-set-size", "prompts draw 3 samples; must be >= 3")
         _check(self.generation_batch_size >= 1, "corpus.generation-batch-size", "must be >= 1")
 

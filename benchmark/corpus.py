@@ -64,24 +64,26 @@ def generate_from_examples(
     progress: bool = False,
     desc: str = "generate",
     max_tries: int = 3,
+    samples_per_prompt: int = 1,
 ) -> list[str]:
-    """``count`` non-empty samples, each the completion of a prompt filled with 3 random ``examples``.
+    """``count`` non-empty samples, completions of prompts filled with 3 random ``examples`` each,
+    ``samples_per_prompt`` completions per prompt.
 
     An empty completion (the model wrote only a header) is replaced by a fresh one, up to ``max_tries`` passes.
     """
-    from popri.generation import build_prompts, sample_completions
+    from popri.generation import build_prompts, prompts_for, sample_completions
 
     samples: list[str] = []
     for _ in range(max_tries):
         want = count - len(samples)
         if want <= 0:
             break
-        prompts = build_prompts(examples, num_prompts=want, rng=rng)
+        prompts = build_prompts(examples, num_prompts=prompts_for(want, samples_per_prompt=samples_per_prompt), rng=rng)
         batch = sample_completions(
             gen.model,
             gen.tokenizer,
             prompts,
-            samples_per_prompt=1,
+            samples_per_prompt=samples_per_prompt,
             max_new_tokens=gen.config.max_new_tokens,
             token_budget=gen.token_budget,
             temperature=gen.config.temperature,
@@ -91,7 +93,7 @@ def generate_from_examples(
             progress=progress,
             desc=desc,
         )
-        samples += [s for s in batch if s.strip()]
+        samples += [s for s in batch[:want] if s.strip()]
     if len(samples) < count:
         logger.warning("%s: only %d of %d samples are non-empty", desc, len(samples), count)
     return samples[:count]
@@ -121,7 +123,7 @@ def generate_corpus_resumable(
     while len(done) < count:
         i = len(done) // chunk
         want = min(chunk, count - len(done))
-        done += generate_from_examples(
+        batch = generate_from_examples(
             gen,
             examples,
             count=want,
@@ -129,7 +131,14 @@ def generate_corpus_resumable(
             generator=torch.Generator().manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0])),
             progress=progress,
             desc=f"{desc} {len(done)}/{count}",
+            samples_per_prompt=gen.config.samples_per_prompt,
         )
+        if len(batch) < want:  # chunk i's seeds would give the same short chunk again: stop, do not loop
+            raise RuntimeError(
+                f"{desc}: chunk {i} has {len(batch)} of {want} non-empty samples after retries; the generator "
+                "writes empty completions (check corpus.generator and corpus.instruction)"
+            )
+        done += batch
         write_corpus(done, partial)
         write_seconds(partial, earlier + time.time() - start)
     write_corpus(done, path)

@@ -152,7 +152,14 @@ def run_pe(
                 desc="PE variations",
             )
     corpus = generate_from_examples(
-        gen, examples, count=corpus_size, rng=rng, generator=generator, progress=progress, desc="PE corpus"
+        gen,
+        examples,
+        count=corpus_size,
+        rng=rng,
+        generator=generator,
+        progress=progress,
+        desc="PE corpus",
+        samples_per_prompt=gen.config.samples_per_prompt,
     )
     return PEResult(
         corpus=corpus,

@@ -56,6 +56,7 @@ def popri_flat_config(
         "initial-instruction": instruction,
         "generation-batch-size": bench.corpus.generation_batch_size,
         "final-samples": bench.corpus.samples,
+        "final-samples-per-prompt": bench.corpus.samples_per_prompt,
         "epsilon": epsilon,
         "delta": bench.delta,
         "sample-rate": 1.0,

@@ -279,6 +279,13 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rounds: int = field(default=6, metadata={"help": "T, private rounds"})
     final_samples: int = field(default=256, metadata={"help": "size of the final synthetic corpus"})
+    final_samples_per_prompt: int = field(
+        default=1,
+        metadata={
+            "help": "completions per prompt in the final corpus (> 1 prefills each prompt once for all of them: "
+            "faster, fewer distinct prompts)"
+        },
+    )
     seed: int = field(
         default=0, metadata={"help": "seed for prompts, sampling and user sampling", "resume_locked": True}
     )
@@ -318,6 +325,11 @@ class RunConfig:
         _check_types(self)
         _check(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         _check(self.final_samples >= 0, "final-samples", f"must be >= 0, got {self.final_samples}")
+        _check(
+            self.final_samples_per_prompt >= 1,
+            "final-samples-per-prompt",
+            f"must be >= 1, got {self.final_samples_per_prompt}",
+        )
         _check(self.num_nodes >= 1, "num-nodes", f"must be >= 1, got {self.num_nodes}")
         _check(self.reply_timeout > 0, "reply-timeout", "must be > 0")
         _check(self.prepare_timeout > 0, "prepare-timeout", f"must be > 0, got {self.prepare_timeout}")

@@ -4,10 +4,11 @@ The same prompt template and public initial set, sampling settings, stop rule, c
 run's final corpus (:mod:`popri.generation`). It reads only the run folder — never private data — and charges
 nothing: sampling a DP-trained generator is post-processing. The run's privacy card is copied next to the output.
 
-Resumable and deterministic: batch b (of ``batch_size`` prompts, one sample each) draws its prompts and tokens from
-generators seeded with (seed, b) alone, so the file holds the same lines whether it was written in one go or over
-several interrupted calls. A call appends the missing lines to FILE; ``FILE.meta.json`` records the run, seed and
-batch size, and a call with other values is refused rather than mixing two streams in one file.
+Resumable and deterministic: batch b (``batch_size`` samples, ``samples_per_prompt`` of them per prompt, the run's
+final-corpus setting unless given) draws its prompts and tokens from generators seeded with (seed, b) alone, so the
+file holds the same lines whether it was written in one go or over several interrupted calls. A call appends the
+missing lines to FILE; ``FILE.meta.json`` records the run, seed, batch size and samples per prompt, and a call with
+other values is refused rather than mixing two streams in one file.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def generate_more(
     output: Path,
     seed: int = 0,
     batch_size: int | None = None,
+    samples_per_prompt: int | None = None,
     cache_dir: Path | None = None,
     progress: bool = True,
 ) -> int:
@@ -121,7 +123,7 @@ def generate_more(
     from popri.card import PrivacyCard, write_card
     from popri.checkpoint import atomic_write_json
     from popri.export import base_model_dir
-    from popri.generation import build_prompts, sample_completions
+    from popri.generation import build_prompts, prompts_for, sample_completions
 
     run_dir, output = Path(run_dir), Path(output)
     if samples < 1:
@@ -133,9 +135,12 @@ def generate_more(
     batch = batch_size or g.generation_batch_size
     if batch < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch}")
-    settings = {"run": str(run_dir.resolve()), "seed": seed, "batch_size": batch}
+    per = samples_per_prompt or config.final_samples_per_prompt
+    if per < 1:
+        raise ValueError(f"--samples-per-prompt must be >= 1, got {per}")
+    settings = {"run": str(run_dir.resolve()), "seed": seed, "batch_size": batch, "samples_per_prompt": per}
     if output.exists() and meta_path(output).exists():
-        before = json.loads(meta_path(output).read_text())
+        before = {"samples_per_prompt": 1, **json.loads(meta_path(output).read_text())}  # older files: one each
         changed = [k for k in settings if before.get(k) != settings[k]]
         if changed:
             raise ValueError(
@@ -181,19 +186,19 @@ def generate_more(
     ):
         for b in range(first_batch, (samples + batch - 1) // batch):
             prompt_rng, torch_seed = batch_seeds(seed, b)
-            prompts = build_prompts(initial_set, num_prompts=batch, rng=prompt_rng)
+            prompts = build_prompts(initial_set, num_prompts=prompts_for(batch, samples_per_prompt=per), rng=prompt_rng)
             texts = sample_completions(
                 sampler,
                 tokenizer,
                 prompts,
-                samples_per_prompt=1,
+                samples_per_prompt=per,
                 max_new_tokens=g.max_new_tokens,
                 token_budget=g.token_budget,
                 temperature=g.temperature,
                 top_p=g.top_p,
-                batch_size=batch,
+                batch_size=len(prompts),
                 generator=torch.Generator().manual_seed(torch_seed),
-            )
+            )[:batch]
             start = max(done - b * batch, 0)  # lines of this batch already in the file
             rows = texts[start : samples - b * batch]
             fh.write("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in rows))
@@ -215,6 +220,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             output=Path(args.output),
             seed=args.seed,
             batch_size=args.batch_size,
+            samples_per_prompt=args.samples_per_prompt,
             cache_dir=Path(args.cache_dir) if args.cache_dir else None,
             progress=not args.no_progress,
         )
@@ -239,7 +245,12 @@ def add_subparser(subparsers: Any) -> None:
     p.add_argument("--samples", type=int, required=True, help="how many samples FILE should hold")
     p.add_argument("--output", required=True, help="JSONL file to append to")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0); the same seed gives the same file")
-    p.add_argument("--batch-size", type=int, help="prompts decoded together (default: the run's)")
+    p.add_argument("--batch-size", type=int, help="samples decoded together (default: the run's batch size)")
+    p.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        help="completions per prompt, sharing its prefill (default: the run's final-samples-per-prompt)",
+    )
     p.add_argument("--cache-dir", help="where the packaged base model is converted (default: the run's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_generate)

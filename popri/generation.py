@@ -51,6 +51,14 @@ def build_prompts(initial_set: list[str], *, num_prompts: int, rng: np.random.Ge
     ]
 
 
+def prompts_for(count: int, *, samples_per_prompt: int) -> int:
+    """Prompts that give at least ``count`` samples at ``samples_per_prompt`` each; callers drop the last prompt's
+    surplus. Several samples per prompt share one prefill of the prompt, the longer part of a short sample's cost."""
+    if count < 0 or samples_per_prompt < 1:
+        raise ValueError(f"need count >= 0 and samples_per_prompt >= 1, got {count} and {samples_per_prompt}")
+    return -(-count // samples_per_prompt)
+
+
 def clean_completion(text: str) -> str:
     """Keep the text before the model's next header (it continues the numbered list ~40 % of the time)."""
     return " ".join(_CUT.split(text, maxsplit=1)[0].split())

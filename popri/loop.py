@@ -29,7 +29,7 @@ from popri.card import PrivacyCard, write_synthetic_dataset
 from popri.config import ConfigError, RunConfig, config_to_flat
 from popri.data import load_user_data, split_users
 from popri.export import write_generator
-from popri.generation import build_prompts, make_initial_set, sample_completions
+from popri.generation import build_prompts, make_initial_set, prompts_for, sample_completions
 from popri.logs import make_tracker
 from popri.preferences import PreferencePair, build_pairs, random_pairs
 from popri.privacy import BudgetExceededError
@@ -459,7 +459,9 @@ class PopriRun:
         start = time.perf_counter()
         texts: list[str] = []
         if c.final_samples:
-            _, texts = self._generate(c.final_samples, 1, "final corpus")
+            per = c.final_samples_per_prompt
+            num_prompts = prompts_for(c.final_samples, samples_per_prompt=per)
+            texts = self._generate(num_prompts, per, "final corpus")[1][: c.final_samples]
             artifacts.write_synthetic(self.out, texts)
         if self.val_centroid is not None and texts:
             mean, se = self._similarity(self.parts.embed(texts))

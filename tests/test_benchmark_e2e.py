@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -179,6 +180,56 @@ def test_public_corpus_resumes_where_it_stopped(tiny_model_dir: Path, tmp_path: 
     assert resumed == whole and resumed[:4] == part and len(whole) == 5
     assert not (tmp_path / "cut.jsonl.partial").exists()
     assert read_seconds(tmp_path / "cut.jsonl") > 0
+
+
+def test_a_corpus_with_several_samples_per_prompt_prefills_fewer_prompts(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the tiny generator at 3 samples per prompt; the sampler's calls are recorded
+    import popri.generation
+    from benchmark.corpus import Generator, generate_corpus_resumable
+    from popri.assets import load_generator
+
+    calls: list[tuple[int, int]] = []
+    real = popri.generation.sample_completions
+
+    def recording(model: Any, tokenizer: Any, prompts: list[str], **kwargs: Any) -> list[str]:
+        calls.append((len(prompts), kwargs["samples_per_prompt"]))
+        return real(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(popri.generation, "sample_completions", recording)
+    model, tokenizer = load_generator(str(tiny_model_dir))
+    config = CorpusConfig(generator=str(tiny_model_dir), max_new_tokens=6, samples_per_prompt=3)
+    gen = Generator(model, tokenizer, config, 16, "Say hi.")
+    examples = ["first example text", "second example text", "third example text", "fourth example text"]
+
+    # Execute: 7 samples in chunks of 4
+    corpus = generate_corpus_resumable(gen, examples, path=tmp_path / "c.jsonl", count=7, seed=1, chunk=4)
+
+    # Assert: 2 prompts for the first chunk of 4 and 1 for the last 3 (a retry for an empty sample may follow each)
+    assert len(corpus) == 7
+    assert (2, 3) == calls[0] and (1, 3) in calls[1:]
+    assert all(per == 3 for _, per in calls)
+
+
+def test_a_generator_that_writes_only_empty_samples_stops_with_an_error(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a sampler whose every completion is empty (the model wrote only the next header)
+    import popri.generation
+    from benchmark.corpus import Generator, generate_corpus_resumable
+    from popri.assets import load_generator
+
+    def empty(model: Any, tokenizer: Any, prompts: list[str], **kwargs: Any) -> list[str]:
+        return [""] * (len(prompts) * kwargs["samples_per_prompt"])
+
+    monkeypatch.setattr(popri.generation, "sample_completions", empty)
+    model, tokenizer = load_generator(str(tiny_model_dir))
+    gen = Generator(model, tokenizer, CorpusConfig(generator=str(tiny_model_dir), max_new_tokens=4), 16, "Say hi.")
+
+    # Execute / Assert: an error that names the chunk, not an endless retry of the same seeds
+    with pytest.raises(RuntimeError, match="chunk 0 has 0 of 2 non-empty samples"):
+        generate_corpus_resumable(gen, ["a b c", "d e f", "g h i"], path=tmp_path / "c.jsonl", count=2, seed=0, chunk=2)
 
 
 @pytest.mark.slow

@@ -115,6 +115,22 @@ def test_resuming_with_another_seed_is_refused_and_the_file_kept(run_dir, tmp_pa
     assert json.loads(meta_path(out).read_text())["seed"] == 0
 
 
+def test_several_samples_per_prompt_resume_exactly_and_another_value_is_refused(run_dir, tmp_path):
+    # Prepare: 7 samples at 2 per prompt in one go, and the same interrupted after 4
+    one_go, resumed = tmp_path / "one.jsonl", tmp_path / "resumed.jsonl"
+    generate_more(run_dir, samples=7, output=one_go, seed=2, batch_size=3, samples_per_prompt=2, progress=False)
+    generate_more(run_dir, samples=4, output=resumed, seed=2, batch_size=3, samples_per_prompt=2, progress=False)
+
+    # Execute: resume with the same setting, then try another one
+    generate_more(run_dir, samples=7, output=resumed, seed=2, batch_size=3, samples_per_prompt=2, progress=False)
+    with pytest.raises(ValueError, match="samples_per_prompt=2"):
+        generate_more(run_dir, samples=9, output=resumed, seed=2, batch_size=3, samples_per_prompt=1, progress=False)
+
+    # Assert: the resumed file is the uninterrupted one, and the setting is on record
+    assert _texts(resumed) == _texts(one_go) and len(_texts(one_go)) == 7
+    assert json.loads(meta_path(resumed).read_text())["samples_per_prompt"] == 2
+
+
 def test_a_foreign_output_file_is_not_appended_to(run_dir, tmp_path):
     # Prepare
     out = tmp_path / "notes.jsonl"

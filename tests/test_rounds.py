@@ -325,3 +325,30 @@ def test_the_tracker_gets_every_completed_round_and_is_closed(tmp_path: Path, mo
     # Assert: one record per private round, the discarded attempt left out, then closed once
     assert [r["round"] for r in logged] == [1, 2] and not any(r.get("discarded") for r in logged)
     assert closed == [True]
+
+
+def test_the_final_corpus_draws_its_samples_per_prompt_from_shared_prompts(tmp_path: Path) -> None:
+    # Prepare: a run whose final corpus takes 5 samples at 2 per prompt; the generator records each call
+    out = tmp_path / "run"
+    calls: list[tuple[int, int, str]] = []
+
+    def recording(prompts: list[str], samples_per_prompt: int, desc: str, generator: torch.Generator) -> list[str]:
+        calls.append((len(prompts), samples_per_prompt, desc))
+        return _generate(prompts, samples_per_prompt, desc, generator)
+
+    config = dataclasses.replace(_config(out, rounds=1), final_samples=5, final_samples_per_prompt=2)
+    parts = dataclasses.replace(_parts(), generate=recording)
+
+    # Execute
+    with PopriRun(config, progress=False, parts=parts) as run:
+        run.run(_honest)
+
+    # Assert: 3 prompts of 2 samples each, the surplus sample dropped; the round itself kept its K and J
+    assert calls == [(3, 3, "round 1 generate"), (3, 2, "final corpus")]
+    assert len(_read_jsonl(out / "synthetic.jsonl")) == 5
+
+
+def test_final_samples_per_prompt_below_one_is_refused_by_key(tmp_path: Path) -> None:
+    # Prepare / Execute / Assert: the key is named in the error
+    with pytest.raises(ValueError, match="final-samples-per-prompt"):
+        dataclasses.replace(_config(tmp_path / "run"), final_samples_per_prompt=0)

@@ -41,7 +41,8 @@ def _add_perf_flags(group: Any, *, short_names: bool) -> None:
         choices=COMPARISONS,
         default=None,
         help="perf: measure only these (the others keep their values from an existing OUTPUT/perf.json); 'growth' "
-        "(how cost grows against K·J and users per node, ~25 min at default sizes) runs only when named here",
+        "(how cost grows against K·J and users per node, ~25 min at default sizes) and 'corpus' (corpus sampling: "
+        "float32 vs bf16, J samples per prompt) run only when named here",
     )
     group.add_argument(
         *names("size"),
@@ -52,7 +53,7 @@ def _add_perf_flags(group: Any, *, short_names: bool) -> None:
         help="perf: override one size, e.g. prompts=16, repeats-generation=1, dpo-pairs=32 or growth-kj=128,256,512 "
         "(keys: "
         + ", ".join(f.replace("_", "-") for f in PerfSizes.__dataclass_fields__)
-        + "; the growth-* lists are comma-separated)",
+        + "; the growth-* lists and corpus-per-prompt are comma-separated)",
     )
     group.add_argument(
         *names("threads"),

@@ -57,7 +57,8 @@ def _mib(n: int) -> str:
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    """perf.md: the comparisons, the round's stages, the cache check, communication, how cost grows, the machine."""
+    """perf.md: the comparisons, the round's stages, the cache check, communication, corpus sampling, how cost
+    grows, the machine."""
     m = result["machine"]
     lines = [
         "# popri performance" + (" (--quick)" if result["quick"] else ""),
@@ -191,6 +192,11 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"DP-FedAvg / POPri: down x{comm['ratio_down_dpfedavg_over_popri']}, "
             f"up x{comm['ratio_up_dpfedavg_over_popri']}, total x{comm['ratio_total_dpfedavg_over_popri']}.",
         ]
+    corpus = result.get("corpus")
+    if corpus:
+        from benchmark.perf.corpus import corpus_markdown
+
+        lines += corpus_markdown(corpus)
     growth = result.get("growth")
     if growth:
         from benchmark.perf.growth import growth_markdown

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from benchmark.perf.corpus import bench_corpus
 from benchmark.perf.growth import bench_growth
 from benchmark.perf.inputs import (
     PerfAssets,
@@ -75,8 +76,9 @@ def run_perf(
     time it was measured), so the harness can be run one comparison at a time on a busy machine. ``threads`` sets
     torch's intra-op threads for popri and its peers alike (on a CPU shared with other busy processes, 1 thread can
     be several times faster than 2: the threads wait for each other at every parallel region). ``peers`` says which
-    interpreters hold the optional generation peers. ``growth`` (how cost grows, :mod:`benchmark.perf.growth`) runs
-    only when named in ``only``: at default sizes it measures for tens of minutes.
+    interpreters hold the optional generation peers. ``growth`` (how cost grows, :mod:`benchmark.perf.growth`) and
+    ``corpus`` (corpus sampling, :mod:`benchmark.perf.corpus`) run only when named in ``only``: at default sizes they
+    measure for minutes (growth for tens of minutes).
     """
     unknown = sorted(set(only) - set(COMPARISONS))
     if unknown:
@@ -137,6 +139,7 @@ def _run_perf(
         "ablations": previous.get("ablations") or {},
         "communication": previous.get("communication"),
         "growth": previous.get("growth"),
+        "corpus": previous.get("corpus"),
     }
     rows: dict[str, dict[str, Any]] = {r["name"]: r for r in previous.get("comparisons", [])}
     prompts = perf_prompts(assets, sizes, seed=seed)
@@ -182,6 +185,8 @@ def _run_perf(
                 token_budget=sizes.token_budget,
             )
             result["communication"] = {**comm, **when(now)}
+        if "corpus" in only:
+            result["corpus"] = {**bench_corpus(assets, sizes, seed=seed), **when(now)}
         if "growth" in only:  # last: its 10^6-user node holds GiBs that no other measurement should share
             result["growth"] = {**bench_growth(assets, sizes, seed=seed), **when(now)}
     result["matmul_peak_gflops"]["float32_after"] = round(matmul_gflops(torch.float32), 1)

@@ -22,9 +22,10 @@ COMPARISONS = (
     "communication",
     "threads",
     "growth",
+    "corpus",
 )
-# Run only when named (``--only growth``): at default sizes it measures for tens of minutes.
-OPT_IN_COMPARISONS = ("growth",)
+# Run only when named (``--only growth``, ``--only corpus``): at default sizes they measure for minutes (growth: tens).
+OPT_IN_COMPARISONS = ("growth", "corpus")
 DEFAULT_COMPARISONS = tuple(c for c in COMPARISONS if c not in OPT_IN_COMPARISONS)
 # Generation peers that run in their own interpreter (benchmark/perf/peer_worker.py), by --peer-python NAME.
 WORKER_PEER_NAMES = ("ctranslate2", "openvino", "vllm")
@@ -85,6 +86,10 @@ class PerfSizes:
     growth_round_users: int = 1400  # users of the round's one node (a default run's Shakespeare has ~1,400)
     repeats_growth_scoring: int = 3
     repeats_growth_round: int = 1
+    # "Corpus sampling" (benchmark/perf/corpus.py, --only corpus): N samples per variant, J samples per prompt.
+    corpus_samples: int = 64
+    corpus_per_prompt: str = "1,2,4,8"  # comma-separated; must hold 1 (the bf16 baseline)
+    repeats_corpus: int = 2
 
     def __post_init__(self) -> None:
         # The sizes a run also has are checked by the run's own dataclasses (their errors name the run key).
@@ -111,6 +116,8 @@ class PerfSizes:
             "growth_users_samples",
             "growth_scoring_users",
             "growth_round_users",
+            "corpus_samples",
+            "repeats_corpus",
         ):
             _check(getattr(self, key) >= 1, key.replace("_", "-"), f"must be >= 1, got {getattr(self, key)}")
         _check(self.growth_texts_per_user >= 1, "growth-texts-per-user", "a mean of >= 1 text")
@@ -119,6 +126,8 @@ class PerfSizes:
         j = self.samples_per_prompt
         bad = [kj for kj in size_list("growth-kj", self.growth_kj) if kj % j]
         _check(not bad, "growth-kj", f"each K·J must be a multiple of samples-per-prompt J={j}, got {bad}")
+        per_prompt = size_list("corpus-per-prompt", self.corpus_per_prompt)
+        _check(1 in per_prompt, "corpus-per-prompt", f"must hold 1 (the J=1 baseline), got {self.corpus_per_prompt!r}")
 
     @classmethod
     def quick(cls) -> PerfSizes:
@@ -140,6 +149,8 @@ class PerfSizes:
             growth_kj="8,16",
             growth_round_users=50,
             repeats_growth_scoring=2,
+            corpus_samples=8,
+            corpus_per_prompt="1,4",
         )
 
 

@@ -90,6 +90,59 @@ def collect(points: list[tuple[GridPoint, dict[str, Any]]]) -> list[dict[str, An
     return rows
 
 
+def point_differences(
+    points: list[tuple[GridPoint, dict[str, Any]]], *, resamples: int = 2000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Per (data set, method, ε): every later point minus the first point that has it, in accuracy points, with a
+    95 % paired-bootstrap interval over the scoring users (:func:`benchmark.report.compare`).
+
+    Points of one seed score the same validation half, so the pairing holds; the interval covers which scoring users
+    the half happens to hold, with the seeds fixed. It is what separates two points that share a seed, where an
+    interval over seeds (one seed) does not exist.
+    """
+    from benchmark.report import as_float, compare
+
+    first: dict[tuple[str, str, float], tuple[GridPoint, list[dict[str, Any]]]] = {}
+    out = []
+    for point, results in points:
+        for name, ds in results.get("datasets", {}).items():
+            groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+            for row in ds.get("results", []):
+                groups.setdefault((row["method"], as_float(row["epsilon"])), []).append(row)
+            for (method, epsilon), rows in groups.items():
+                key = (name, method, epsilon)
+                if key not in first:
+                    first[key] = (point, rows)
+                    continue
+                base_point, base_rows = first[key]
+                labelled = [{**r, "method": "this point"} for r in rows]
+                labelled += [{**r, "method": "first point"} for r in base_rows]
+                diff = compare(
+                    labelled,
+                    "this point",
+                    "first point",
+                    epsilon_a=epsilon,
+                    epsilon_b=epsilon,
+                    resamples=resamples,
+                    seed=seed,
+                )
+                if diff is not None:
+                    out.append(
+                        {
+                            "dataset": name,
+                            "method": method,
+                            "epsilon": epsilon,
+                            "point": list(point.assignments),
+                            "versus": list(base_point.assignments),
+                            "seeds": diff["seeds"],
+                            "diff_mean": diff["diff_mean"],
+                            "diff_ci95": diff["diff_ci95"],
+                            "reading": diff["reading"],
+                        }
+                    )
+    return out
+
+
 def best_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (data set, method, ε): the row with the highest mean validation-half accuracy."""
     best: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -102,6 +155,10 @@ def best_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
+
+
+def _point(assignments: list[str]) -> str:
+    return ", ".join(f"`{a}`" for a in assignments) or "base"
 
 
 def markdown(search: dict[str, Any]) -> str:
@@ -121,15 +178,34 @@ def markdown(search: dict[str, Any]) -> str:
         ci = row["accuracy_ci95"]
         interval = f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else ""
         fid = "-" if row["fid"] is None else f"{row['fid']:.4f}"
-        point = ", ".join(f"`{a}`" for a in row["point"]) or "base"
         lines.append(
-            f"| {point} | {row['dataset']} | {row['method']} | {row['epsilon']} | "
+            f"| {_point(row['point'])} | {row['dataset']} | {row['method']} | {row['epsilon']} | "
             f"{_pct(row['accuracy_mean'])}{interval} | {fid} |"
         )
+    if search.get("differences"):
+        lines += [
+            "",
+            "## Each point against the first one",
+            "",
+            "Accuracy points, this point − the first point with the same data set, method and ε; 95 % paired-bootstrap "
+            'interval over the scoring users (same users at both points of a seed). "better" only where the '
+            "interval excludes zero.",
+            "",
+            "| point | versus | data set | method | ε | difference | reading |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for d in search["differences"]:
+            low, high = d["diff_ci95"]
+            lines.append(
+                f"| {_point(d['point'])} | {_point(d['versus'])} | {d['dataset']} | {d['method']} | {d['epsilon']} | "
+                f"{d['diff_mean']:+.2f} [{low:+.2f}, {high:+.2f}] | {d['reading']} |"
+            )
     lines += ["", "## Best point per method", ""]
     for row in search["best"]:
-        point = ", ".join(f"`{a}`" for a in row["point"]) or "base"
-        lines.append(f"- {row['dataset']} {row['method']} ε={row['epsilon']}: {point} ({_pct(row['accuracy_mean'])} %)")
+        lines.append(
+            f"- {row['dataset']} {row['method']} ε={row['epsilon']}: {_point(row['point'])} "
+            f"({_pct(row['accuracy_mean'])} %)"
+        )
     lines += [
         "",
         "A difference between points smaller than their intervals is not a choice the search can support; prefer "
@@ -191,6 +267,7 @@ def run_search(base: BenchConfig, grid: list[GridPoint], *, assets: Any = None) 
         done.append((point, run_benchmark(config, assets=shared)))
         search["rows"] = collect(done)
         search["best"] = best_points(search["rows"])
+        search["differences"] = point_differences(done, seed=base.seed)
         atomic_write_text(root / "search.json", json.dumps(search, indent=2, default=str) + "\n")
         atomic_write_text(root / "search.md", markdown(search))
     return search

@@ -294,6 +294,42 @@ def test_grid_is_the_cartesian_product_and_bad_grids_name_the_key() -> None:
             point_configs(preset_config("quick"), parse_grid(bad))
 
 
+def test_a_search_compares_each_point_with_the_first_over_the_same_scoring_users() -> None:
+    # Prepare: two points scored on the same 40 users; at the second, popri gets 3 more tokens right per user and
+    # eps0 is unchanged.
+    from benchmark.search import GridPoint, markdown, point_differences
+
+    def results(popri_bonus: int) -> dict:
+        def row(method: str, epsilon: float, bonus: int) -> dict:
+            correct = [10 + (u % 7) + bonus for u in range(40)]
+            tokens = [100] * 40
+            return {
+                "method": method,
+                "epsilon": epsilon,
+                "seed": 0,
+                "test_user_correct": correct,
+                "test_user_tokens": tokens,
+            }
+
+        return {"datasets": {"shakespeare": {"results": [row("eps0", 0.0, 0), row("popri", 7.0, popri_bonus)]}}}
+
+    first, second = GridPoint(("popri.beta=0.1",)), GridPoint(("popri.beta=0.5",))
+
+    # Execute
+    diffs = point_differences([(first, results(0)), (second, results(3))], resamples=500)
+    search = {"date": "d", "commit": "c", "preset": "quick", "seeds": [0], "rows": [], "best": [], "differences": diffs}
+    page = markdown(search)
+
+    # Assert: popri +3 points with an interval above zero, eps0 exactly 0 and not resolved; the page shows both
+    by_method = {d["method"]: d for d in diffs}
+    assert set(by_method) == {"eps0", "popri"}
+    assert by_method["popri"]["diff_mean"] == pytest.approx(3.0) and by_method["popri"]["diff_ci95"][0] > 0
+    assert by_method["popri"]["reading"] == "this point better"
+    assert by_method["popri"]["point"] == ["popri.beta=0.5"] and by_method["popri"]["versus"] == ["popri.beta=0.1"]
+    assert by_method["eps0"]["diff_mean"] == 0.0 and by_method["eps0"]["reading"] == "not resolved"
+    assert "## Each point against the first one" in page and "+3.00" in page
+
+
 def test_round_samples_cover_every_round_not_only_the_kept_checkpoints(tmp_path: Path) -> None:
     # Prepare: a popri run folder with four rounds' samples (popri prunes checkpoints to the newest two).
     from benchmark.popri_method import round_samples

@@ -132,10 +132,10 @@ def generate_more(
     manifest = check_generator(run_dir)
     card = PrivacyCard.from_run_dir(run_dir)  # refuses a run without a privacy summary
     g = config.generation
-    batch = batch_size or g.generation_batch_size
+    batch = g.generation_batch_size if batch_size is None else batch_size
     if batch < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch}")
-    per = samples_per_prompt or config.final_samples_per_prompt
+    per = config.final_samples_per_prompt if samples_per_prompt is None else samples_per_prompt
     if per < 1:
         raise ValueError(f"--samples-per-prompt must be >= 1, got {per}")
     settings = {"run": str(run_dir.resolve()), "seed": seed, "batch_size": batch, "samples_per_prompt": per}

@@ -129,6 +129,8 @@ def test_several_samples_per_prompt_resume_exactly_and_another_value_is_refused(
     # Assert: the resumed file is the uninterrupted one, and the setting is on record
     assert _texts(resumed) == _texts(one_go) and len(_texts(one_go)) == 7
     assert json.loads(meta_path(resumed).read_text())["samples_per_prompt"] == 2
+    with pytest.raises(ValueError, match="--samples-per-prompt must be >= 1, got 0"):
+        generate_more(run_dir, samples=2, output=tmp_path / "zero.jsonl", samples_per_prompt=0, progress=False)
 
 
 def test_a_foreign_output_file_is_not_appended_to(run_dir, tmp_path):

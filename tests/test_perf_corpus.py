@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmark.perf.inputs import PerfAssets
-from benchmark.perf.runner import run_perf
 from benchmark.perf.schema import DEFAULT_COMPARISONS, OPT_IN_COMPARISONS, PerfSizes, sizes_with_overrides
 from popri.config import ConfigError
-from tests.tiny_models import byte_tokenizer, tiny_causal_lm
+from tests.helpers import tiny_perf_run
 
 N = 6
 VARIANTS = [("float32", 1), ("bfloat16", 1), ("bfloat16", 3)]
@@ -23,21 +19,8 @@ VARIANTS = [("float32", 1), ("bfloat16", 1), ("bfloat16", 3)]
 @pytest.fixture(scope="module")
 def corpus_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """One ``run_perf(only=("corpus",))`` on the tiny LM and MiniLM, N=6 samples, J in 1, 3; (output, perf.json)."""
-    from popri.embedding import load_embedder
-
-    tok = byte_tokenizer()
-    assets = PerfAssets(model=tiny_causal_lm(tok), tokenizer=tok, embedder=load_embedder())
-    sizes = dataclasses.replace(
-        PerfSizes.quick(),
-        max_new_tokens=4,
-        token_budget=8,
-        corpus_samples=N,
-        corpus_per_prompt="1,3",
-        repeats_corpus=1,
-    )
     out = tmp_path_factory.mktemp("perf-corpus")
-    run_perf(out, only=("corpus",), assets=assets, sizes=sizes, threads=1)
-    return out, json.loads((out / "perf.json").read_text())
+    return out, tiny_perf_run(out, "corpus", corpus_samples=N, corpus_per_prompt="1,3", repeats_corpus=1)
 
 
 def test_corpus_section_has_one_row_per_variant_in_order_each_with_n_samples(corpus_run: tuple[Path, dict[str, Any]]):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +22,9 @@ from benchmark.perf.growth import (
     synthetic_user_sums,
     traced_peak_bytes,
 )
-from benchmark.perf.inputs import PerfAssets
-from benchmark.perf.runner import run_perf
 from benchmark.perf.schema import COMPARISONS, DEFAULT_COMPARISONS, PerfSizes, sizes_with_overrides
 from popri.config import ConfigError
-from tests.tiny_models import byte_tokenizer, tiny_causal_lm
+from tests.helpers import tiny_perf_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -36,14 +32,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def growth_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """One ``run_perf(only=("growth",))`` on the tiny LM and MiniLM at tiny sizes; (output folder, perf.json)."""
-    from popri.embedding import load_embedder
-
-    tok = byte_tokenizer()
-    assets = PerfAssets(model=tiny_causal_lm(tok), tokenizer=tok, embedder=load_embedder())
-    sizes = dataclasses.replace(
-        PerfSizes.quick(),
-        max_new_tokens=4,
-        token_budget=8,
+    out = tmp_path_factory.mktemp("perf-growth")
+    saved = tiny_perf_run(
+        out,
+        "growth",
         growth_users="40,120,600",
         growth_users_samples=8,
         growth_scoring_samples="8,32",
@@ -53,9 +45,7 @@ def growth_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
         growth_round_users=20,
         repeats_growth_scoring=1,
     )
-    out = tmp_path_factory.mktemp("perf-growth")
-    run_perf(out, only=("growth",), assets=assets, sizes=sizes, threads=1)
-    return out, json.loads((out / "perf.json").read_text())
+    return out, saved
 
 
 def test_growth_section_has_every_stage_and_rows_in_increasing_size(growth_run: tuple[Path, dict[str, Any]]):

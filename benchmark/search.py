@@ -35,9 +35,12 @@ class GridPoint:
 
     @property
     def name(self) -> str:
-        """A folder name that says the setting, e.g. ``corpus.temperature=0.7,popri.beta=0.1``."""
-        text = ",".join(self.assignments) or "base"
-        return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+        """A folder name that says the setting, e.g. ``corpus.temperature=0.7+popri.beta=0.1``.
+
+        No commas: Flower's FAB manifest is comma-separated, so a comma in any path under an app folder breaks
+        ``flwr run`` there."""
+        text = "+".join(self.assignments) or "base"
+        return re.sub(r"[^A-Za-z0-9._=+-]", "_", text)
 
 
 def parse_grid(items: list[str]) -> list[GridPoint]:

@@ -283,6 +283,7 @@ def test_grid_is_the_cartesian_product_and_bad_grids_name_the_key() -> None:
         ("corpus.temperature=0.7", "popri.beta=0.5"),
     ]
     assert len({c.output for _, c in configs}) == 6 and all(c.tune for _, c in configs)
+    assert all("," not in p.name for p in grid)  # a comma in a path breaks Flower's FAB manifest
     assert configs[-1][1].corpus.temperature == 1.0 and configs[-1][1].popri.run_config().train.beta == 1.0
     for bad, match in [
         (["corpus.temperature=0.7,,1"], r"'grid corpus\.temperature'"),

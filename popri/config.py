@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# What ends a completion in DPO (see TrainConfig.completion_end).
+COMPLETION_ENDS: tuple[str, ...] = ("eos", "header")
+
 
 def default_cache_dir(configured: str | os.PathLike[str] | None = None) -> Path:
     """The cache folder for models, initial sets and embeddings: the one default every part of popri uses.
@@ -232,6 +235,13 @@ class TrainConfig:
     precision: str = field(
         default="bf16", metadata={"help": "frozen base weights in 'bf16' (about 2x faster) or 'fp32'; LoRA stays fp32"}
     )
+    completion_end: str = field(
+        default="eos",
+        metadata={
+            "help": "what ends each completion in DPO: 'eos' (TRL's tokenisation, the paper's) or 'header' (the next "
+            "sample's header, where the sampler actually stops)"
+        },
+    )
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -243,6 +253,11 @@ class TrainConfig:
         _check(self.batch_size >= 1, "batch-size", f"must be >= 1, got {self.batch_size}")
         _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         _check(self.precision in ("bf16", "fp32"), "precision", f"use 'bf16' or 'fp32', got {self.precision!r}")
+        _check(
+            self.completion_end in COMPLETION_ENDS,
+            "completion-end",
+            f"use {' or '.join(map(repr, COMPLETION_ENDS))}, got {self.completion_end!r}",
+        )
 
 
 @dataclass(frozen=True)

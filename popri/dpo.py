@@ -3,7 +3,8 @@
 One LoRA adapter lives on the frozen base model for the whole run; its weights and the AdamW state carry over
 between rounds (and through checkpoints), so the reference stays the original base model, as in the paper.
 Tokenisation follows TRL's ``DPOTrainer`` for plain-text pairs (EOS appended to each completion, the prompt split at
-the common prefix of the tokenised prompt and prompt+completion), so a step here and a step there agree.
+the common prefix of the tokenised prompt and prompt+completion), so a step here and a step there agree; the
+``completion-end`` key can end completions with the next sample header instead (:func:`completion_end`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from popri.config import TrainConfig
+from popri.config import COMPLETION_ENDS, TrainConfig
+from popri.generation import next_sample_header
 from popri.preferences import PreferencePair
 
 logger = logging.getLogger(__name__)
@@ -70,11 +72,26 @@ class TokenizedPair:
     rejected_ids: list[int]
 
 
-def tokenize_pair(tokenizer: Any, pair: PreferencePair) -> TokenizedPair:
-    """Token ids as TRL's DPOTrainer builds them for a non-conversational pair."""
-    eos = tokenizer.eos_token
-    chosen = pair.chosen if pair.chosen.endswith(eos) else pair.chosen + eos
-    rejected = pair.rejected if pair.rejected.endswith(eos) else pair.rejected + eos
+def completion_end(tokenizer: Any, prompt: str, *, kind: str) -> str:
+    """The text that ends a completion of ``prompt`` in DPO (:attr:`popri.config.TrainConfig.completion_end`).
+
+    ``eos``: the tokenizer's EOS, as TRL (and the paper's code) append it. ``header``: a newline and the next sample's
+    header, which is where the sampler stops; then DPO trains the very decision that sets a sample's length, whereas
+    an EOS the sampler never emits at that point leaves it untrained.
+    """
+    if kind == "eos":
+        return str(tokenizer.eos_token)
+    if kind == "header":
+        return "\n" + next_sample_header(prompt)
+    raise ValueError(f"unknown completion end {kind!r}; use {', '.join(COMPLETION_ENDS)}")
+
+
+def tokenize_pair(tokenizer: Any, pair: PreferencePair, *, end: str | None = None) -> TokenizedPair:
+    """Token ids as TRL's DPOTrainer builds them for a non-conversational pair; ``end`` (EOS when None) is appended to
+    each completion that does not already end with it."""
+    end = tokenizer.eos_token if end is None else end
+    chosen = pair.chosen if pair.chosen.endswith(end) else pair.chosen + end
+    rejected = pair.rejected if pair.rejected.endswith(end) else pair.rejected + end
     prompt_ids = tokenizer(pair.prompt)["input_ids"]
     prompt_chosen = tokenizer(pair.prompt + chosen)["input_ids"]
     prompt_rejected = tokenizer(pair.prompt + rejected)["input_ids"]
@@ -289,7 +306,10 @@ class LoraDPO:
         Reference log-probs are computed once per pair up front (the reference never changes), which saves a
         forward pass per step.
         """
-        tokenized = [tokenize_pair(self.tokenizer, p) for p in pairs]
+        kind = self.config.completion_end
+        tokenized = [
+            tokenize_pair(self.tokenizer, p, end=completion_end(self.tokenizer, p.prompt, kind=kind)) for p in pairs
+        ]
         bs = self.config.batch_size
         ref: dict[int, tuple[float, float]] = {}
         # Any grouping gives the same values; pairs of similar prompt length waste the least padding.

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 HEADER = "List of 6 diverse original text samples:"
 SAMPLE_HEADER = "Original Text Sample"
 _CUT = re.compile(r"Original Text Sample|List of \d+ diverse|<\|im_(?:start|end)\|>")
+_OPEN_HEADER = re.compile(rf"{SAMPLE_HEADER} (\d+)\n?\Z")
 
 
 def build_prompt(examples: list[str]) -> str:
@@ -39,6 +40,15 @@ def build_prompt(examples: list[str]) -> str:
         lines += [f"{SAMPLE_HEADER} {i}", " ".join(example.split())]
     lines.append(f"{SAMPLE_HEADER} {len(examples) + 1}")
     return "\n".join(lines) + "\n"
+
+
+def next_sample_header(prompt: str) -> str:
+    """The header the model writes once it has completed ``prompt``'s open sample: "Original Text Sample 5" after a
+    prompt that ends with "Original Text Sample 4". The sampler stops there (:func:`clean_completion`)."""
+    match = _OPEN_HEADER.search(prompt)
+    if match is None:
+        raise ValueError(f"the prompt does not end with an open '{SAMPLE_HEADER} N' header: ...{prompt[-60:]!r}")
+    return f"{SAMPLE_HEADER} {int(match.group(1)) + 1}"
 
 
 def build_prompts(initial_set: list[str], *, num_prompts: int, rng: np.random.Generator) -> list[str]:

@@ -11,7 +11,17 @@ import pytest
 import torch
 
 from popri.config import TrainConfig
-from popri.dpo import LoraDPO, collate, dpo_sigmoid_loss, full_row_logps, sequence_logps, tokenize_pair
+from popri.dpo import (
+    LoraDPO,
+    TokenizedPair,
+    collate,
+    completion_end,
+    dpo_sigmoid_loss,
+    full_row_logps,
+    sequence_logps,
+    tokenize_pair,
+)
+from popri.generation import build_prompt
 from popri.preferences import PreferencePair
 from tests.tiny_models import byte_tokenizer, randomize_lora, tiny_causal_lm
 
@@ -66,6 +76,45 @@ def test_collate_puts_chosen_rows_first_and_masks_only_completions():
     assert batch["completion_mask"][0].sum().item() == len(first.chosen_ids)
     assert batch["completion_mask"][2].sum().item() == len(first.rejected_ids)
     assert first.chosen_ids[-1] == tok.eos_token_id  # EOS appended, as TRL does
+
+
+def test_header_end_appends_the_next_sample_header_to_both_completions():
+    # Prepare
+    tok = byte_tokenizer()
+    pair = PreferencePair(build_prompt(["a", "b", "c"]), "a good line", "a bad line")
+
+    # Execute
+    end = completion_end(tok, pair.prompt, kind="header")
+    tokenized = tokenize_pair(tok, pair, end=end)
+
+    # Assert: both completions end with the header the sampler stops at, not with EOS
+    assert end == "\nOriginal Text Sample 5"
+    assert tok.decode(tokenized.chosen_ids) == "a good line\nOriginal Text Sample 5"
+    assert tok.decode(tokenized.rejected_ids) == "a bad line\nOriginal Text Sample 5"
+    assert completion_end(tok, pair.prompt, kind="eos") == tok.eos_token
+
+
+@pytest.mark.parametrize(("kind", "suffix"), [("eos", "<|endoftext|>"), ("header", "\nOriginal Text Sample 5")])
+def test_a_round_trains_on_completions_ended_as_configured(kind: str, suffix: str) -> None:
+    # Prepare: record the rows the round scores
+    tok = byte_tokenizer()
+    dpo = LoraDPO(tiny_causal_lm(tok), tok, config=TrainConfig(batch_size=2, completion_end=kind))
+    pairs = [PreferencePair(build_prompt(["x", "y", "z"]), f"good {i}", f"bad {i}") for i in range(2)]
+    seen: list[TokenizedPair] = []
+    reference = dpo.reference_logps
+
+    def recording(batch: list[TokenizedPair]) -> torch.Tensor:
+        seen.extend(batch)
+        return reference(batch)
+
+    dpo.reference_logps = recording  # type: ignore[method-assign]
+
+    # Execute
+    dpo.train_round(pairs, rng=np.random.default_rng(0))
+
+    # Assert
+    assert sorted(tok.decode(p.chosen_ids) for p in seen) == [f"good {i}{suffix}" for i in range(2)]
+    assert sorted(tok.decode(p.rejected_ids) for p in seen) == [f"bad {i}{suffix}" for i in range(2)]
 
 
 def test_first_step_loss_matches_trl_dpotrainer(tmp_path: Path) -> None:

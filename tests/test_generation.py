@@ -12,6 +12,7 @@ from popri.generation import (
     build_prompts,
     clean_completion,
     make_initial_set,
+    next_sample_header,
     sample_completions,
     truncate_tokens,
 )
@@ -38,6 +39,23 @@ def test_prompts_draw_three_distinct_initial_samples_reproducibly():
 def test_completion_is_cut_at_the_next_header_and_flattened():
     assert clean_completion("Thou art\nmine own.\nOriginal Text Sample 5\nmore") == "Thou art mine own."
     assert clean_completion("  ok <|im_end|> junk") == "ok"
+
+
+def test_next_sample_header_is_where_the_sampler_cuts_a_completion():
+    # Prepare
+    prompt = build_prompt(["a", "b", "c"])
+
+    # Execute
+    header = next_sample_header(prompt)
+
+    # Assert: the header after sample 4 is sample 5's, and a completion that writes it is cut right there
+    assert header == "Original Text Sample 5"
+    assert clean_completion("Thou art mine own.\n" + header + "\nmore") == "Thou art mine own."
+
+
+def test_next_sample_header_refuses_a_prompt_without_an_open_header():
+    with pytest.raises(ValueError, match="open 'Original Text Sample N' header"):
+        next_sample_header("Prompt: say something\n")
 
 
 def test_truncation_respects_the_token_budget():

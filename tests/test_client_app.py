@@ -15,6 +15,7 @@ import popri.embedding as embedding
 import popri.node as node_module
 from client.app import make_client_app
 from popri.node import NodeErrorCode, source_descriptor, source_tag
+from server.messages import parse_prepare_reply, parse_score_reply
 from tests.helpers import InProcessGrid
 
 DIM = 16
@@ -111,6 +112,8 @@ def test_score_reply_carries_the_clipped_sum_the_user_count_and_the_source_tag(e
     assert 0 < num_users and np.linalg.norm(scores) <= num_users + 1e-9
     descriptor = source_descriptor(node_config=SIMULATED[101], data_setting=str(user_file))
     assert reply.content["source"]["tag"] == source_tag(salt=SALT, descriptor=descriptor)
+    parsed = parse_score_reply(101, reply, expected_len=6, sources=None)  # the server reads it by the same contract
+    assert parsed.error is None and parsed.num_users == num_users
 
 
 def test_prepare_replies_only_the_source_tag(embedder, user_file, tmp_path):
@@ -127,6 +130,7 @@ def test_prepare_replies_only_the_source_tag(embedder, user_file, tmp_path):
     assert not reply.content.array_records and not reply.content.metric_records
     descriptor = source_descriptor(node_config=SIMULATED[101], data_setting=str(user_file))
     assert reply.content["source"]["tag"] == source_tag(salt=SALT, descriptor=descriptor)
+    assert parse_prepare_reply(reply) == (reply.content["source"]["tag"], None)
 
 
 def test_prepare_embeds_the_private_texts_so_a_round_does_not(embedder, user_file, tmp_path, monkeypatch):

@@ -85,6 +85,12 @@ def knn_precision_recall(real: np.ndarray, fake: np.ndarray, *, k: int = 3) -> t
     return precision, recall
 
 
+def mean_words(texts: list[str]) -> float | None:
+    """Mean whitespace-separated words per text (None for no texts): a corpus whose samples drift longer or shorter
+    than the private texts shows it here, whatever the embedding metrics say."""
+    return float(np.mean([len(t.split()) for t in texts])) if texts else None
+
+
 def distribution_metrics(
     corpus_embeddings: np.ndarray, reference_embeddings: np.ndarray, *, rng: np.random.Generator, k: int = 3
 ) -> dict[str, Any]:

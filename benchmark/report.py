@@ -48,7 +48,7 @@ PRIVATE = ("dpfedavg", "pe", "popri")
 REFERENCES = ("eps0", "epsinf", "oracle")
 # paired comparisons between the private methods at the same ε (a − b); each method − eps0 is added to them
 PAIRS = (("popri", "pe"), ("popri", "dpfedavg"), ("pe", "dpfedavg"))
-DISTRIBUTION_KEYS = ("fid", "knn_precision", "knn_recall")
+DISTRIBUTION_KEYS = ("fid", "knn_precision", "knn_recall", "mean_words")
 
 
 def _jsonable(value: Any) -> Any:
@@ -245,6 +245,10 @@ def _num(x: Any, digits: int = 3) -> str:
     return "–" if x is None else f"{float(x):.{digits}f}"
 
 
+def _words(x: Any) -> str:
+    return _num(x, digits=1)
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """Per data set: the privacy-utility table (mean over seeds and 95 % interval), the paired comparisons, the
     distribution metrics, then the details of every row."""
@@ -331,13 +335,17 @@ def markdown_table(results: dict[str, Any]) -> str:
                 "benchmark diagnostics."
             )
             lines.append("")
-            lines.append("| method | ε | FID | precision | recall |")
-            lines.append("|---" * 5 + "|")
+            lines.append("| method | ε | FID | precision | recall | words per text |")
+            lines.append("|---" * 6 + "|")
             for e in dist:
                 lines.append(
                     f"| {METHOD_LABELS.get(e['method'], e['method'])} | {_eps_label(e['epsilon'])} | {_num(e['fid'])} "
-                    f"| {_num(e.get('knn_precision'))} | {_num(e.get('knn_recall'))} |"
+                    f"| {_num(e.get('knn_precision'))} | {_num(e.get('knn_recall'))} | {_words(e.get('mean_words'))} |"
                 )
+            reference = [r["reference_mean_words"] for r in rows if r.get("reference_mean_words") is not None]
+            if reference:
+                lines.append("")
+                lines.append(f"The test users' texts have {_words(reference[0])} words per text.")
             lines.append("")
         progress = [r for r in rows if r.get("round_metrics")]
         if progress:

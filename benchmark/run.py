@@ -305,18 +305,26 @@ class Benchmark:
         return np.asarray(prep.extras[key])
 
     def _distribution(self, prep: Prepared, texts: list[str], seed: int, *, against: str = "test") -> dict[str, Any]:
-        """FID and k-NN precision/recall of ``texts`` against the ``against`` users' texts (non-private diagnostic)."""
-        from benchmark.distribution import distribution_metrics
+        """FID and k-NN precision/recall of ``texts`` against the ``against`` users' texts, and both sides' mean length
+        in words (non-private diagnostics)."""
+        from benchmark.distribution import distribution_metrics, mean_words
         from popri.embedding import embed_texts
 
         texts = [t for t in texts if t.strip()]
+        lengths = {
+            "mean_words": mean_words(texts),
+            "reference_mean_words": mean_words(getattr(prep.splits, against).texts),
+        }
         if len(texts) < 2:
-            return {"fid": None, "knn_precision": None, "knn_recall": None, "metric_samples": len(texts)}
-        return distribution_metrics(
-            np.asarray(embed_texts(self.assets.embedder, texts)),
-            self.split_embeddings(prep, against),
-            rng=np.random.default_rng([seed, 53]),
-        )
+            return {"fid": None, "knn_precision": None, "knn_recall": None, "metric_samples": len(texts), **lengths}
+        return {
+            **distribution_metrics(
+                np.asarray(embed_texts(self.assets.embedder, texts)),
+                self.split_embeddings(prep, against),
+                rng=np.random.default_rng([seed, 53]),
+            ),
+            **lengths,
+        }
 
     # -- the public base model, per seed ---------------------------------------------------------------------------
 

@@ -88,6 +88,9 @@ def collect(points: list[tuple[GridPoint, dict[str, Any]]]) -> list[dict[str, An
                         "accuracy_mean": entry.get("accuracy_mean"),
                         "accuracy_ci95": entry.get("accuracy_ci95"),
                         "fid": entry.get("fid"),
+                        "knn_precision": entry.get("knn_precision"),
+                        "knn_recall": entry.get("knn_recall"),
+                        "mean_words": entry.get("mean_words"),
                     }
                 )
     return rows
@@ -160,6 +163,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
+def _metric(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
 def _point(assignments: list[str]) -> str:
     return ", ".join(f"`{a}`" for a in assignments) or "base"
 
@@ -172,18 +179,19 @@ def markdown(search: dict[str, Any]) -> str:
         f"Measured {search['date']} at commit {search['commit']}. Base preset `{search['preset']}`, seeds "
         f"{search['seeds']}. Scored on the second half of the validation users, checkpoints chosen on the first "
         "half; the test split was not read. Accuracy in % (mean over seeds, Student-t 95 % interval in brackets); "
-        "FID to the scoring half (lower is closer).",
+        "FID (lower is closer), k-NN precision and recall to the scoring half, and the corpus's mean words per text.",
         "",
-        "| point | data set | method | ε | accuracy | FID |",
-        "|---|---|---|---|---|---|",
+        "| point | data set | method | ε | accuracy | FID | precision | recall | words |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in search["rows"]:
         ci = row["accuracy_ci95"]
         interval = f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else ""
-        fid = "-" if row["fid"] is None else f"{row['fid']:.4f}"
         lines.append(
             f"| {_point(row['point'])} | {row['dataset']} | {row['method']} | {row['epsilon']} | "
-            f"{_pct(row['accuracy_mean'])}{interval} | {fid} |"
+            f"{_pct(row['accuracy_mean'])}{interval} | {_metric(row.get('fid'), 4)} | "
+            f"{_metric(row.get('knn_precision'), 2)} | {_metric(row.get('knn_recall'), 2)} | "
+            f"{_metric(row.get('mean_words'), 1)} |"
         )
     if search.get("differences"):
         lines += [

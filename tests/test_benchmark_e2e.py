@@ -87,9 +87,12 @@ def test_every_method_end_to_end_on_tiny_models(tiny_model_dir: Path, tmp_path: 
         if method in ("eps0", "oracle", "pe", "popri"):
             assert row["fid"] is not None and row["fid"] >= 0, method
             assert 0.0 <= row["knn_precision"] <= 1.0 and 0.0 <= row["knn_recall"] <= 1.0, method
+            assert row["mean_words"] > 0 and row["reference_mean_words"] > 0, method
     assert all_rows[("oracle", math.inf, 0)]["non_private"] is True
     assert [m["round"] for m in all_rows[("popri", 2.0, 0)]["round_metrics"]] == [1]
-    assert "POPri's progress: FID of each round's samples to the validation users" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert "POPri's progress: FID of each round's samples to the validation users" in report
+    assert "| words per text |" in report and "The test users' texts have" in report
     assert {
         rows[(m, e)]["corpus_size"] for m, e in [("eps0", 0.0), ("pe", 2.0), ("popri", 2.0), ("oracle", math.inf)]
     } == {8}

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from benchmark import report
-from benchmark.distribution import distribution_metrics, equal_counts, frechet_distance, knn_precision_recall
+from benchmark.distribution import (
+    distribution_metrics,
+    equal_counts,
+    frechet_distance,
+    knn_precision_recall,
+    mean_words,
+)
 from benchmark.stats import mean_ci95, micro_accuracy, paired_bootstrap_difference, verdict
 
 
@@ -91,6 +97,11 @@ def test_distribution_metrics_report_the_equal_count() -> None:
     out = distribution_metrics(rng.normal(size=(30, 4)), rng.normal(size=(100, 4)), rng=rng)
     assert out["metric_samples"] == 30 and out["fid"] >= 0
     assert 0 <= out["knn_precision"] <= 1 and 0 <= out["knn_recall"] <= 1
+
+
+def test_mean_words_counts_whitespace_words_and_is_none_without_texts() -> None:
+    assert mean_words(["To be, or", "not  to be: that is\nthe question"]) == 5.0
+    assert mean_words([]) is None
 
 
 def test_mean_ci95_is_the_student_t_interval() -> None:

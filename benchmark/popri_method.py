@@ -63,6 +63,8 @@ def popri_flat_config(
         "accountant": bench.accountant,
         "seed": seed,
         "output": str(output),
+        # PE's votes and every metric embed in fp32; POPri's scores too, unless popri.embedding-precision says else
+        "embedding-precision": "fp32",
     }
     if bench.cache_dir:
         flat["cache-dir"] = bench.cache_dir

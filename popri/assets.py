@@ -104,6 +104,18 @@ def best_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX tiles
+    (elsewhere torch emulates bf16 matmuls, slower than float32)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 autocast on CUDA with bf16 support and on CPU (measured faster there); else float16 on CUDA."""
     if device.type == "cuda":

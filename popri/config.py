@@ -25,6 +25,8 @@ from typing import Any
 
 # What ends a completion in DPO (see TrainConfig.completion_end).
 COMPLETION_ENDS: tuple[str, ...] = ("eos", "header")
+# Precision of the sentence embedder (see RunConfig.embedding_precision).
+EMBEDDING_PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 
 
 def default_cache_dir(configured: str | os.PathLike[str] | None = None) -> Path:
@@ -301,6 +303,13 @@ class RunConfig:
             "faster, fewer distinct prompts)"
         },
     )
+    embedding_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "sentence embedder weights on the server and the nodes: 'bf16', 'fp32', or 'auto' (bf16 where "
+            "the device computes it natively, else fp32)"
+        },
+    )
     seed: int = field(
         default=0, metadata={"help": "seed for prompts, sampling and user sampling", "resume_locked": True}
     )
@@ -344,6 +353,11 @@ class RunConfig:
             self.final_samples_per_prompt >= 1,
             "final-samples-per-prompt",
             f"must be >= 1, got {self.final_samples_per_prompt}",
+        )
+        _check(
+            self.embedding_precision in EMBEDDING_PRECISIONS,
+            "embedding-precision",
+            f"use {', '.join(map(repr, EMBEDDING_PRECISIONS))}, got {self.embedding_precision!r}",
         )
         _check(self.num_nodes >= 1, "num-nodes", f"must be >= 1, got {self.num_nodes}")
         _check(self.reply_timeout > 0, "reply-timeout", "must be > 0")

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from popri.assets import best_device, minilm_path
+from popri.assets import best_device, has_native_bf16, minilm_path
 from popri.checkpoint import atomic_write_npy
 from popri.data import UserData
 from popri.scoring import user_embedding_sums
@@ -16,21 +17,52 @@ from popri.scoring import user_embedding_sums
 logger = logging.getLogger(__name__)
 
 
-def load_embedder(path: str | Path | None = None) -> Any:
-    """The sentence embedder, on the best device this machine has (a node's own GPU when it has one)."""
+def resolve_embedding_precision(precision: str, device: torch.device | None = None) -> str:
+    """``bf16`` or ``fp32`` for a configured ``embedding-precision``; ``auto`` is bf16 where ``device`` (the best one
+    here by default) computes bf16 natively (:func:`popri.assets.has_native_bf16`), else fp32.
+
+    bf16 weights move each score of a node's clipped sum by far less than the DP noise does (docs/perf.md, "Private
+    embedding"), and they cost the guarantee nothing: the sensitivity comes from clipping the final vector.
+    """
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"unknown embedding precision {precision!r}; use 'auto', 'bf16' or 'fp32'")
+    if precision != "auto":
+        return precision
+    return "bf16" if has_native_bf16(device or best_device()) else "fp32"
+
+
+def load_embedder(path: str | Path | None = None, *, precision: str = "fp32") -> Any:
+    """The sentence embedder, on the best device this machine has (a node's own GPU when it has one), with its
+    weights in ``precision`` (:func:`resolve_embedding_precision`)."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(path or minilm_path()), device=str(best_device()))
+    device = best_device()
+    embedder = SentenceTransformer(str(path or minilm_path()), device=str(device))
+    if resolve_embedding_precision(precision, device) == "bf16":
+        embedder = embedder.to(torch.bfloat16)
+    return embedder
+
+
+def embedder_precision(embedder: Any) -> str:
+    """``bf16`` or ``fp32``: the precision of the embedder's weights (part of the embedding cache's key)."""
+    params = getattr(embedder, "parameters", None)
+    dtype = next(iter(params()), torch.zeros(0)).dtype if callable(params) else torch.float32
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
 def embed_texts(embedder: Any, texts: list[str], *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """(len(texts), d) float32, each row of unit L2 norm (so cosine similarity = dot product)."""
+    """(len(texts), d) float32, each row of unit L2 norm (so cosine similarity = dot product).
+
+    Rows are normalised again in float32: a bf16 embedder's own normalisation leaves norms ~1e-3 away from 1.
+    """
     if not texts:
         return np.zeros((0, embedder.get_sentence_embedding_dimension()), dtype=np.float32)
     emb = embedder.encode(
         texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=progress
     )
-    return np.asarray(emb, dtype=np.float32)
+    emb = np.asarray(emb, dtype=np.float32)
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb / np.where(norms > 0, norms, 1.0)
 
 
 def _embed_with_progress(embedder: Any, texts: list[str], *, chunk: int = 1024) -> np.ndarray:
@@ -67,23 +99,28 @@ def cached_user_sums(
     *,
     cache_dir: Path,
     embedder_id: str = "all-MiniLM-L6-v2",
+    precision: str = "fp32",
     progress: bool = False,
 ) -> np.ndarray:
     """Per-user sums of private text embeddings, computed once and cached on the client's own disk.
 
     The cache holds private-derived data: it lives on the device that owns the data and never leaves it. Keyed by the
-    data's content hash and the embedder, so a changed file or model never reuses stale sums; an unreadable cache is
-    recomputed. ``embedder=None`` loads the default embedder only on a cache miss (a deployed node runs each message
-    in a fresh process). ``progress`` logs the embedding's progress in tenths (no counts: they are private).
+    data's content hash, the embedder and its precision, so a changed file, model or precision never reuses stale
+    sums; an unreadable cache is recomputed. ``embedder=None`` loads the default embedder in ``precision``
+    (:func:`resolve_embedding_precision`) only on a cache miss (a deployed node runs each message in a fresh
+    process); a given embedder keeps its own precision. ``progress`` logs the embedding's progress in tenths (no
+    counts: they are private).
     """
-    key = f"{data.fingerprint()}-{embedder_id.replace('/', '_')}"
+    resolved = embedder_precision(embedder) if embedder is not None else resolve_embedding_precision(precision)
+    suffix = "" if resolved == "fp32" else f"-{resolved}"  # fp32 caches keep the key they had before precisions
+    key = f"{data.fingerprint()}-{embedder_id.replace('/', '_')}{suffix}"
     path = cache_dir / "private-embeddings" / f"{key}.npy"
     sums = _load_cached(path, data.num_users)
     if sums is not None:
         return sums
-    logger.info("embedding this node's private texts (cached afterwards)")
+    logger.info("embedding this node's private texts in %s (cached afterwards)", resolved)
     if embedder is None:
-        embedder = load_embedder()
+        embedder = load_embedder(precision=resolved)
     embedded = _embed_with_progress(embedder, data.texts) if progress else embed_texts(embedder, data.texts)
     sums = user_embedding_sums(embedded, data.owner, data.num_users)
     try:

@@ -75,7 +75,7 @@ class ServerParts:
 def load_parts(config: RunConfig, *, out: Path, progress: bool) -> ServerParts:
     """The real generator (torch or vLLM), LoRA DPO trainer and sentence embedder, and the public initial set."""
     from popri.dpo import LoraDPO
-    from popri.embedding import embed_texts, load_embedder
+    from popri.embedding import embed_texts, embedder_precision, load_embedder
 
     g, cache = config.generation, config.resolved_cache_dir()
     # Policy and reference share the frozen base, so both run at this one precision (no bf16/fp32 mismatch).
@@ -83,7 +83,8 @@ def load_parts(config: RunConfig, *, out: Path, progress: bool) -> ServerParts:
     model, tokenizer = load_generator(g.model, cache_dir=cache, dtype=dtype)
     dpo = LoraDPO(model, tokenizer, config=config.train)
     vllm = _start_vllm(config) if g.generation_backend == "vllm" else None
-    embedder = load_embedder()
+    embedder = load_embedder(precision=config.embedding_precision)
+    logger.info("sentence embedder in %s", embedder_precision(embedder))
     initial_set = make_initial_set(
         model,
         tokenizer,

@@ -511,10 +511,16 @@ class NodeScorer:
 
     @classmethod
     def from_users(
-        cls, embedder: Any | None, users: UserData, *, cache_dir: Path, progress: bool = False
+        cls,
+        embedder: Any | None,
+        users: UserData,
+        *,
+        cache_dir: Path,
+        precision: str = "fp32",
+        progress: bool = False,
     ) -> NodeScorer:
-        """``embedder=None``: load the default embedder only if the cache misses."""
-        return cls(cached_user_sums(embedder, users, cache_dir=cache_dir, progress=progress))
+        """``embedder=None``: load the default embedder in ``precision`` only if the cache misses."""
+        return cls(cached_user_sums(embedder, users, cache_dir=cache_dir, precision=precision, progress=progress))
 
     @property
     def num_users(self) -> int:
@@ -554,13 +560,22 @@ def prepare_node(config: RunConfig, source: NodeSource, *, cache_dir: Path, prog
     Called on ``query.prepare`` so the slow first embedding never runs under a round's reply deadline; a scoring
     message on an unprepared node calls it too. Unreadable data is refused with ``popri/data-unavailable``.
     """
-    key = (source, config.data, config.seed, str(cache_dir), _file_version(source.data_path or config.data.data))
+    key = (
+        source,
+        config.data,
+        config.seed,
+        config.embedding_precision,
+        str(cache_dir),
+        _file_version(source.data_path or config.data.data),
+    )
     if key not in _PREPARED:
         try:
             users = _load_source_users(config, source)
         except (DataFormatError, OSError, UnicodeError) as err:
             raise NodeRefusal(NodeErrorCode.DATA_UNAVAILABLE, f"cannot read this node's data: {err}") from err
-        _PREPARED[key] = NodeScorer.from_users(None, users, cache_dir=cache_dir, progress=progress)
+        _PREPARED[key] = NodeScorer.from_users(
+            None, users, cache_dir=cache_dir, precision=config.embedding_precision, progress=progress
+        )
         logger.info("node prepared: private embedding sums ready")
         # The federation has at least this node's users, so δ >= 1/(node's users) means δ >= 1/(everyone): warn
         # here, in the node's own log (the server never learns the count).

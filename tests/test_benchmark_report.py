@@ -270,6 +270,28 @@ def test_corpus_sampling_is_one_knob_shared_with_the_popri_run(tmp_path: Path) -
             cli.config_from_args(_parser().parse_args(["bench", "--set", bad]))
 
 
+def test_popri_embeds_in_fp32_like_the_other_methods_unless_set(tmp_path: Path) -> None:
+    # Prepare
+    from benchmark.popri_method import popri_flat_config
+
+    def flat_for(*assignments: str) -> dict[str, object]:
+        config = cli.config_from_args(_parser().parse_args(["bench", *assignments]))
+        return popri_flat_config(
+            config,
+            config.datasets[0],
+            epsilon=1.0,
+            seed=0,
+            noise_seed=None,
+            train_file=tmp_path / "train.jsonl",
+            output=tmp_path / "run",
+            instruction="Say one line.",
+        )
+
+    # Execute / Assert: fp32 by default (popri run's own default is 'auto'), a --set wins
+    assert flat_for()["embedding-precision"] == "fp32"
+    assert flat_for("--set", "popri.embedding-precision=bf16")["embedding-precision"] == "bf16"
+
+
 def test_grid_is_the_cartesian_product_and_bad_grids_name_the_key() -> None:
     # Prepare / Execute
     from benchmark.search import parse_grid, point_configs

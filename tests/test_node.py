@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 
 import numpy as np
 import pytest
+import torch
 
 import popri.embedding as embedding
 from popri.config import ConfigError, config_from_flat
@@ -53,6 +55,50 @@ def test_second_round_reuses_cached_private_embeddings(embedder, user_file, tmp_
     # Assert
     assert len(calls) == 1
     np.testing.assert_array_equal(first.user_sums, second.user_sums)
+
+
+def test_bf16_embedder_gives_unit_rows_close_to_the_fp32_ones(embedder):
+    # Prepare
+    texts = ["the ship sails at dawn", "warm bread on the table", "the king speaks", "a silver moon"]
+    bf16 = copy.deepcopy(embedder).to(torch.bfloat16)
+
+    # Execute
+    full, half = embedding.embed_texts(embedder, texts), embedding.embed_texts(bf16, texts)
+
+    # Assert: renormalised in float32, and each text's two embeddings almost the same direction
+    np.testing.assert_allclose(np.linalg.norm(half, axis=1), 1.0, atol=1e-6)
+    assert half.dtype == np.float32 and embedding.embedder_precision(bf16) == "bf16"
+    assert np.min(np.sum(full * half, axis=1)) > 0.99
+
+
+def test_a_cache_written_in_one_precision_is_never_read_in_the_other(embedder, user_file, tmp_path, monkeypatch):
+    # Prepare
+    users = read_user_file(user_file)
+    bf16 = copy.deepcopy(embedder).to(torch.bfloat16)
+    calls = []
+    real = embedding.embed_texts
+    monkeypatch.setattr(embedding, "embed_texts", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    # Execute
+    half = NodeScorer.from_users(bf16, users, cache_dir=tmp_path)
+    full = NodeScorer.from_users(embedder, users, cache_dir=tmp_path)
+    again = NodeScorer.from_users(bf16, users, cache_dir=tmp_path)
+
+    # Assert: two embeddings (one per precision), then a hit; two cache files
+    assert len(calls) == 2
+    assert not np.array_equal(half.user_sums, full.user_sums)
+    np.testing.assert_array_equal(half.user_sums, again.user_sums)
+    assert len(list((tmp_path / "private-embeddings").glob("*.npy"))) == 2
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(native, monkeypatch):
+    monkeypatch.setattr(embedding, "has_native_bf16", lambda device: native)
+    assert embedding.resolve_embedding_precision("auto") == ("bf16" if native else "fp32")
+    assert embedding.resolve_embedding_precision("fp32") == "fp32"
+    assert embedding.resolve_embedding_precision("bf16") == "bf16"
+    with pytest.raises(ValueError, match="unknown embedding precision"):
+        embedding.resolve_embedding_precision("fp16")
 
 
 def test_changed_data_never_reuses_a_stale_cache(embedder, user_file, tmp_path):

@@ -82,8 +82,10 @@ def test_quick_perf_writes_every_comparison(tiny_model_dir: Path, user_file: Pat
     assert first["abs_difference"] <= 1e-5 and not math.isclose(first["popri_loss"], math.log(2), abs_tol=1e-6)
     cache = saved["embedding_cache"]
     assert cache["private_texts"] == len(users.texts)
-    # the second call, as in every later round, hits the cache: it embeds nothing
-    assert cache["first_call_embedded_texts"] == len(users.texts) and cache["second_call_embedded_texts"] == 0
+    for precision in ("fp32", "bf16"):  # the second call, as in every later round, hits the cache: embeds nothing
+        calls = cache["precisions"][precision]
+        assert calls["first_call_embedded_texts"] == len(users.texts) and calls["second_call_embedded_texts"] == 0
+    assert cache["bf16_speedup"] > 0 and 0 <= cache["agreement"]["shift_over_noise"] < 1
     stages = saved["stages"]
     assert {"generate", "embed", "collect", "dpo"} <= set(stages["seconds"]) and stages["peak_rss_mib"] > 0
     comm = saved["communication"]
@@ -91,7 +93,7 @@ def test_quick_perf_writes_every_comparison(tiny_model_dir: Path, user_file: Pat
     assert comm["popri"]["up_bytes"] >= sizes.prompts * sizes.samples_per_prompt * 8
     assert comm["dpfedavg"]["down_bytes"] >= 4 * comm["dpfedavg"]["parameters"]
     text = (out / "perf.md").read_text()
-    assert "| generation |" in text and "Communication per client per round" in text
+    assert "| generation |" in text and "Communication per client per round" in text and "## Private embedding" in text
     assert f"Measured {saved['date']} at commit {saved['commit']}" in text
 
 

@@ -158,7 +158,7 @@ def _run_perf(
             save_samples(output, prompts, samples, sizes, seed=seed)
         if "scoring" in only:
             rows["scoring"] = {**bench_scoring(sizes, seed=seed), **when(now)}
-            result["embedding_cache"] = {**bench_embedding_cache(assets), **when(now)}
+            result["embedding_cache"] = {**bench_embedding_cache(assets, sizes), **when(now)}
         if _DPO & set(only):
             if samples is None:
                 samples = saved_samples(output, prompts, sizes, seed=seed)

@@ -70,7 +70,7 @@ class PerfSizes:
     dpo_pairs: int = 16  # a default round trains on K pairs; 16 (4 steps) keeps TRL's side short (0 = all K)
     users: int = 2000
     texts_per_user: float = 50.0  # mean; Shakespeare's 200-user sample has ~54
-    cache_users: int = 20
+    cache_users: int = 100  # ~2,400 texts: the fp32 and bf16 first calls of the private embedding
     round_max_users: int = 200  # a default run uses all ~1,400 users; 200 keeps the one-off embedding short
     round_initial_set: int = _GENERATION.initial_set_size
     repeats_generation: int = 2

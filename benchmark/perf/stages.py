@@ -323,35 +323,88 @@ class CountingEmbedder:
         return getattr(self.embedder, name)
 
 
-def bench_embedding_cache(assets: PerfAssets) -> dict[str, Any]:
-    """The first ``cached_user_sums`` embeds the private texts; the second (a later round) only reads the cache.
-
-    Besides the seconds, records how many texts each call embedded (the second: 0 when the cache is hit).
-    """
+def _first_and_second_call(embedder: Any, users: Any) -> tuple[list[float], list[int], np.ndarray]:
+    """Two ``cached_user_sums`` calls on a fresh cache: (seconds, texts embedded, the sums) of each."""
     from popri.embedding import cached_user_sums
+
+    counting = CountingEmbedder(embedder)
+    times, embedded = [], []
+    with tempfile.TemporaryDirectory(prefix="popri-perf-cache-") as tmp:
+        for _ in range(2):
+            before = counting.texts_encoded
+            start = time.perf_counter()
+            sums = cached_user_sums(counting, users, cache_dir=Path(tmp))
+            times.append(time.perf_counter() - start)
+            embedded.append(counting.texts_encoded - before)
+    return times, embedded, sums
+
+
+def precision_agreement(
+    sums: dict[str, np.ndarray], samples: dict[str, np.ndarray], *, samples_per_prompt: int, rejected_rank: int
+) -> dict[str, Any]:
+    """How much bf16 embeddings move a node's clipped score sum, against the DP noise of a default run.
+
+    ``sums``/``samples``: per precision, the users' embedding sums and the sample embeddings. Returns the standard
+    deviation of (bf16 sum − fp32 sum) over the samples, the noise std σ·Δ of the default run (Δ = 1 per user, σ of
+    ``RunConfig()``), their ratio, and the share of J-groups whose chosen and rejected samples stay the same.
+    """
+    from popri.config import RunConfig
+    from popri.scoring import clipped_scores_sum
+
+    score = {p: clipped_scores_sum(samples[p].astype(np.float64), sums[p]) for p in ("fp32", "bf16")}
+    shift_sd = float(np.std(score["bf16"] - score["fp32"]))
+    sigma = float(RunConfig().resolved_noise_multiplier())
+    groups = len(score["fp32"]) // samples_per_prompt
+    ranks = {
+        p: np.argsort(-v[: groups * samples_per_prompt].reshape(groups, samples_per_prompt), axis=1)
+        for p, v in score.items()
+    }
+    same = (ranks["fp32"][:, 0] == ranks["bf16"][:, 0]) & (
+        ranks["fp32"][:, rejected_rank] == ranks["bf16"][:, rejected_rank]
+    )
+    return {
+        "score_shift_sd": sig(shift_sd, 3),
+        "default_noise_sd": sig(sigma, 4),
+        "shift_over_noise": sig(shift_sd / sigma, 3),
+        "same_pairs": f"{int(same.sum())}/{groups}",
+    }
+
+
+def bench_embedding_cache(assets: PerfAssets, sizes: PerfSizes) -> dict[str, Any]:
+    """The private embedding, once per run: the first ``cached_user_sums`` embeds the private texts, the second (a
+    later round) only reads the cache; in fp32 and in bf16 weights, the same texts, one after the other.
+
+    Records the seconds and how many texts each call embedded (the second: 0 when the cache is hit), and how far
+    bf16 moves the node's clipped score sum against the DP noise (:func:`precision_agreement`; the samples are the
+    first K·J private texts, embedded in each precision as the server would).
+    """
+    from popri.embedding import embed_texts
 
     users = assets.cache_users
     if users is None:
         return {"measured": False, "why": "no private users given"}
-    embedder = CountingEmbedder(assets.embedder)
-    with tempfile.TemporaryDirectory(prefix="popri-perf-cache-") as tmp:
-        times, embedded = [], []
-        for _ in range(2):
-            before = embedder.texts_encoded
-            start = time.perf_counter()
-            sums = cached_user_sums(embedder, users, cache_dir=Path(tmp))
-            times.append(time.perf_counter() - start)
-            embedded.append(embedder.texts_encoded - before)
-    return {
-        "users": users.num_users,
-        "private_texts": len(users.texts),
-        "first_call_s": round(times[0], 4),
-        "second_call_s": round(times[1], 4),
-        "first_call_embedded_texts": embedded[0],
-        "second_call_embedded_texts": embedded[1],
-        "embedded_per_s": round(len(users.texts) / times[0], 1),
-        "sums_shape": list(sums.shape),
-    }
+    embedders = {"fp32": assets.embedder, "bf16": copy.deepcopy(assets.embedder).to(torch.bfloat16)}
+    out: dict[str, Any] = {"users": users.num_users, "private_texts": len(users.texts), "precisions": {}}
+    sums, samples = {}, {}
+    n_samples = sizes.prompts * sizes.samples_per_prompt
+    for name, embedder in embedders.items():
+        embed_texts(embedder, users.texts[:8])  # lazy init outside the timing
+        times, embedded, sums[name] = _first_and_second_call(embedder, users)
+        samples[name] = embed_texts(embedder, users.texts[:n_samples])
+        out["precisions"][name] = {
+            "first_call_s": round(times[0], 4),
+            "second_call_s": round(times[1], 4),
+            "first_call_embedded_texts": embedded[0],
+            "second_call_embedded_texts": embedded[1],
+            "embedded_per_s": round(len(users.texts) / times[0], 1),
+        }
+    fp32, bf16 = out["precisions"]["fp32"], out["precisions"]["bf16"]
+    out["bf16_speedup"] = sig(fp32["first_call_s"] / bf16["first_call_s"], 3)
+    out["agreement"] = precision_agreement(
+        sums, samples, samples_per_prompt=sizes.samples_per_prompt, rejected_rank=sizes.rejected_rank
+    )
+    out["sums_shape"] = list(sums["fp32"].shape)
+    return out
 
 
 # -- DPO -----------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 
 from popri.assets import best_device, has_native_bf16, minilm_path
 from popri.checkpoint import atomic_write_npy
+from popri.config import EMBEDDING_PRECISIONS
 from popri.data import UserData
 from popri.scoring import user_embedding_sums
 
@@ -24,8 +25,8 @@ def resolve_embedding_precision(precision: str, device: torch.device | None = No
     bf16 weights move each score of a node's clipped sum by far less than the DP noise does (docs/perf.md, "Private
     embedding"), and they cost the guarantee nothing: the sensitivity comes from clipping the final vector.
     """
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"unknown embedding precision {precision!r}; use 'auto', 'bf16' or 'fp32'")
+    if precision not in EMBEDDING_PRECISIONS:
+        raise ValueError(f"unknown embedding precision {precision!r}; use {', '.join(EMBEDDING_PRECISIONS)}")
     if precision != "auto":
         return precision
     return "bf16" if has_native_bf16(device or best_device()) else "fp32"

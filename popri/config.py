@@ -229,6 +229,10 @@ class TrainConfig:
 
     rejected_rank: int = field(default=2, metadata={"help": "rank (0 = best) of the rejected sample"})
     beta: float = field(default=0.1, metadata={"help": "DPO beta"})
+    length_penalty: float = field(
+        default=0.0,
+        metadata={"help": "R-DPO alpha: the margin gains alpha per token the chosen sample is longer (0 = plain DPO)"},
+    )
     learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate for the LoRA weights"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
@@ -249,6 +253,7 @@ class TrainConfig:
         _check_types(self)
         _check(self.rejected_rank >= 1, "rejected-rank", f"must be >= 1 (0 is the chosen), got {self.rejected_rank}")
         _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        _check(self.length_penalty >= 0, "length-penalty", f"must be >= 0, got {self.length_penalty}")
         _check(self.learning_rate > 0, "learning-rate", f"must be > 0, got {self.learning_rate}")
         _check(self.lora_r >= 1, "lora-r", f"must be >= 1, got {self.lora_r}")
         _check(self.lora_alpha >= 1, "lora-alpha", f"must be >= 1, got {self.lora_alpha}")

@@ -38,15 +38,27 @@ def dpo_sigmoid_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     beta: float,
+    length_penalty: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair DPO loss and implicit rewards (Rafailov et al. 2023, eq. 7; TRL ``loss_type="sigmoid"``).
 
-    loss = −log σ(β[(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))])
+    loss = −log σ(β[(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))] + α(|y_w| − |y_l|))
     rewards: r_w = β(log π(y_w|x) − log π_ref(y_w|x)), r_l likewise. Returns (losses, chosen_rewards, rejected_rewards).
+
+    α = ``length_penalty`` (0: plain DPO) with |y| the completion lengths in tokens is R-DPO (Park, Rafailov, Ermon,
+    Finn 2024, "Disentangling Length from Quality in Direct Preference Optimization", eq. 9): the reward the policy
+    learns is penalised by α per token, so a preference that length alone explains is not learned.
     """
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
-    losses = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
+    logits = beta * (chosen_logratios - rejected_logratios)
+    if length_penalty:
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("a length penalty needs the chosen and rejected completion lengths")
+        logits = logits + length_penalty * (chosen_lengths - rejected_lengths).to(logits.dtype)
+    losses = -F.logsigmoid(logits)
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
@@ -283,6 +295,9 @@ class LoraDPO:
             ref_chosen_logps=ref_logps[:n],
             ref_rejected_logps=ref_logps[n:],
             beta=self.config.beta,
+            length_penalty=self.config.length_penalty,
+            chosen_lengths=torch.tensor([len(p.chosen_ids) for p in pairs], device=logps.device),
+            rejected_lengths=torch.tensor([len(p.rejected_ids) for p in pairs], device=logps.device),
         )
         loss = losses.mean()
         self.optimizer.zero_grad(set_to_none=True)

@@ -92,6 +92,7 @@ def test_flat_keys_are_unique_and_kebab_case() -> None:
         ({"rejected-rank": 0}, "rejected-rank"),
         ({"beta": 0.0}, "beta"),
         ({"completion-end": "newline"}, "completion-end"),
+        ({"length-penalty": -0.1}, "length-penalty"),
         ({"embedding-precision": "fp16"}, "embedding-precision"),
         ({"learning-rate": "fast"}, "learning-rate"),
         ({"max-users": -1}, "max-users"),

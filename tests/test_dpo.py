@@ -45,6 +45,58 @@ def test_sigmoid_loss_matches_hand_computed_values():
     assert rejected.tolist() == pytest.approx([0.05, 0.1])
 
 
+def test_length_penalty_adds_alpha_times_the_length_difference_to_the_margin():
+    # Prepare: the pairs above; chosen 10 and 4 tokens long, rejected 6 and 8; alpha 0.05 (R-DPO, eq. 9)
+    pc, pr = torch.tensor([-10.0, -20.0]), torch.tensor([-12.0, -18.0])
+    rc, rr = torch.tensor([-12.0, -19.0]), torch.tensor([-12.5, -19.0])
+
+    # Execute
+    losses, chosen, _ = dpo_sigmoid_loss(
+        policy_chosen_logps=pc,
+        policy_rejected_logps=pr,
+        ref_chosen_logps=rc,
+        ref_rejected_logps=rr,
+        beta=0.1,
+        length_penalty=0.05,
+        chosen_lengths=torch.tensor([10, 4]),
+        rejected_lengths=torch.tensor([6, 8]),
+    )
+
+    # Assert: -log sigmoid(0.1 * margin + 0.05 * (|y_w| - |y_l|)); the rewards stay the plain log-ratios
+    expected = [-math.log(1 / (1 + math.exp(-(0.15 + 0.2)))), -math.log(1 / (1 + math.exp(-(-0.2 - 0.2))))]
+    assert losses.tolist() == pytest.approx(expected, abs=1e-6)
+    assert chosen.tolist() == pytest.approx([0.2, -0.1])
+
+
+def test_a_step_with_a_length_penalty_uses_the_completions_token_counts():
+    # Prepare: a fresh adapter (B = 0), so policy = reference and the plain DPO margin is 0 for every pair
+    tok = byte_tokenizer()
+    dpo = LoraDPO(tiny_causal_lm(tok), tok, config=TrainConfig(batch_size=4, length_penalty=0.1))
+    pairs = [tokenize_pair(tok, p) for p in PAIRS]
+
+    # Execute
+    loss = dpo.step(pairs)["loss"]
+
+    # Assert: the loss is the mean of -log sigmoid(0.1 (|y_w| - |y_l|)) over the pairs' token counts
+    diffs = [len(p.chosen_ids) - len(p.rejected_ids) for p in pairs]
+    assert any(diffs)
+    expected = float(np.mean([math.log(1 + math.exp(-0.1 * d)) for d in diffs]))
+    assert loss == pytest.approx(expected, abs=1e-5)
+
+
+def test_length_penalty_without_lengths_is_an_error():
+    logps = torch.tensor([-3.0])
+    with pytest.raises(ValueError, match="completion lengths"):
+        dpo_sigmoid_loss(
+            policy_chosen_logps=logps,
+            policy_rejected_logps=logps,
+            ref_chosen_logps=logps,
+            ref_rejected_logps=logps,
+            beta=0.1,
+            length_penalty=0.01,
+        )
+
+
 def test_loss_is_ln2_when_policy_equals_reference():
     logps = torch.tensor([-3.0, -7.0])
     losses, _, _ = dpo_sigmoid_loss(

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -239,14 +240,11 @@ def test_oracle_draws_n_distinct_real_texts_per_seed() -> None:
     assert first.row["non_private"] is True and math.isinf(first.epsilon_spent)
 
 
-def test_corpus_sampling_is_one_knob_shared_with_the_popri_run(tmp_path: Path) -> None:
-    # Prepare: a cooler, nucleus-truncated sampler for every corpus.
+def _popri_flat(tmp_path: Path, *assignments: str) -> tuple[Any, dict[str, Any]]:
+    """The benchmark configuration of ``popri bench ASSIGNMENTS`` and the popri run config it gives at ε=1, seed 0."""
     from benchmark.popri_method import popri_flat_config
 
-    args = _parser().parse_args(["bench", "--set", "corpus.temperature=0.7", "--set", "corpus.top-p=0.9"])
-    config = cli.config_from_args(args)
-
-    # Execute
+    config = cli.config_from_args(_parser().parse_args(["bench", *assignments]))
     flat = popri_flat_config(
         config,
         config.datasets[0],
@@ -257,6 +255,12 @@ def test_corpus_sampling_is_one_knob_shared_with_the_popri_run(tmp_path: Path) -
         output=tmp_path / "run",
         instruction="Say one line.",
     )
+    return config, flat
+
+
+def test_corpus_sampling_is_one_knob_shared_with_the_popri_run(tmp_path: Path) -> None:
+    # Prepare / Execute: a cooler, nucleus-truncated sampler for every corpus.
+    config, flat = _popri_flat(tmp_path, "--set", "corpus.temperature=0.7", "--set", "corpus.top-p=0.9")
 
     # Assert: POPri's rounds and final corpus sample as eps0's and PE's corpora do; popri may not set it alone.
     run = config.popri.run_config(flat)
@@ -271,25 +275,9 @@ def test_corpus_sampling_is_one_knob_shared_with_the_popri_run(tmp_path: Path) -
 
 
 def test_popri_embeds_in_fp32_like_the_other_methods_unless_set(tmp_path: Path) -> None:
-    # Prepare
-    from benchmark.popri_method import popri_flat_config
-
-    def flat_for(*assignments: str) -> dict[str, object]:
-        config = cli.config_from_args(_parser().parse_args(["bench", *assignments]))
-        return popri_flat_config(
-            config,
-            config.datasets[0],
-            epsilon=1.0,
-            seed=0,
-            noise_seed=None,
-            train_file=tmp_path / "train.jsonl",
-            output=tmp_path / "run",
-            instruction="Say one line.",
-        )
-
     # Execute / Assert: fp32 by default (popri run's own default is 'auto'), a --set wins
-    assert flat_for()["embedding-precision"] == "fp32"
-    assert flat_for("--set", "popri.embedding-precision=bf16")["embedding-precision"] == "bf16"
+    assert _popri_flat(tmp_path)[1]["embedding-precision"] == "fp32"
+    assert _popri_flat(tmp_path, "--set", "popri.embedding-precision=bf16")[1]["embedding-precision"] == "bf16"
 
 
 def test_grid_is_the_cartesian_product_and_bad_grids_name_the_key() -> None:

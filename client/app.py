@@ -5,9 +5,9 @@ Secure-aggregation mode (``train``, wrapped by Flower's SecAgg+ mod): the node a
 vector leaves masked; the server can unmask only the sum over at least ``min-replies`` nodes. ``query.prepare``
 builds the node's private embeddings before the first round and answers only a data-independent source tag.
 
-This module only unpacks messages, calls :mod:`popri.node` (every privacy step lives there) and packs replies, by the
-one message contract in :mod:`server.messages`. Any failure becomes ``Error(code, reason)`` with one of the fixed
-codes of :class:`popri.node.NodeErrorCode`; the details stay in this node's log.
+This module only unpacks messages, calls :mod:`popri.node` (every privacy step lives there) and packs replies. Any
+failure becomes ``Error(code, reason)`` with one of the fixed codes of :class:`popri.node.NodeErrorCode`; the details
+stay in this node's log.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Error, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -43,7 +43,6 @@ from popri.node import (
     source_tag,
 )
 from popri.privacy import noise_share_std
-from server.messages import prepare_reply_content, query_embeddings, score_reply_content
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
         check_run_settings(node.config)  # refuse early what every round would refuse
         tag = node.tag(_round_config(msg).get("source-salt"))
         node.scorer()
-        return Message(prepare_reply_content(tag=tag), reply_to=msg)
+        return Message(RecordDict({"source": ConfigRecord({"tag": tag})}), reply_to=msg)
 
     @app.query("score")
     def score(msg: Message, context: Context) -> Message:
@@ -129,15 +128,22 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
         round_index = _round_index(round_config.get("round"))
         tag = node.tag(round_config.get("source-salt"))
         try:
-            raw = query_embeddings(msg.content)
-        except LookupError as err:
-            raise _invalid(str(err)) from None
+            raw = msg.content["embeddings"]["embeddings"].numpy()
+        except (KeyError, TypeError, AttributeError):
+            raise _invalid("no 'embeddings' array") from None
         embeddings = check_sample_embeddings(raw)
         sampling_rng, _ = node.generators(round_index)
         node_sum, num_users = node.scorer().score(
             embeddings, sample_rate=node.config.privacy.sample_rate, rng=sampling_rng
         )
-        return Message(score_reply_content(node_sum, num_users=num_users, tag=tag), reply_to=msg)
+        content = RecordDict(
+            {
+                "scores": ArrayRecord({"scores": Array(node_sum.astype(np.float64))}),
+                "meta": MetricRecord({"num-users": num_users}),
+                "source": ConfigRecord({"tag": tag}),
+            }
+        )
+        return Message(content, reply_to=msg)
 
     @app.train(mods=[secaggplus_mod])
     def secure_score(msg: Message, context: Context) -> Message:

@@ -42,11 +42,6 @@ def prepare_content(*, source_salt: str) -> RecordDict:
     return RecordDict({"config": ConfigRecord({"source-salt": source_salt})})
 
 
-def prepare_reply_content(*, tag: str) -> RecordDict:
-    """A ``query.prepare`` reply as the contract spells it: the node's source tag only."""
-    return RecordDict({"source": ConfigRecord({"tag": tag})})
-
-
 def parse_prepare_reply(message: Message) -> tuple[str | None, str | None]:
     """(tag, None) for a well-formed ``query.prepare`` reply, else (None, why it is rejected)."""
     if message.has_error():
@@ -73,17 +68,8 @@ def query_content(embeddings: np.ndarray, *, round_index: int, sample_rate: floa
     )
 
 
-def query_embeddings(content: RecordDict) -> np.ndarray:
-    """The sample embeddings of a ``query.score`` content, unchecked (the node checks shape and values); a
-    :class:`LookupError` when the content has no ``embeddings`` array."""
-    try:
-        return content["embeddings"]["embeddings"].numpy()
-    except (KeyError, TypeError, AttributeError):
-        raise LookupError("no 'embeddings' array") from None
-
-
 def score_reply_content(node_sum: np.ndarray, *, num_users: int, tag: str) -> RecordDict:
-    """A ``query.score`` reply as the contract spells it (the node builds its reply with this)."""
+    """A ``query.score`` reply as the contract spells it (the node side may build its reply with this)."""
     return RecordDict(
         {
             "scores": ArrayRecord({"scores": Array(np.asarray(node_sum, dtype=np.float64))}),

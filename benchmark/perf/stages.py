@@ -349,16 +349,14 @@ def precision_agreement(
     ``RunConfig()``), their ratio, and the share of J-groups whose chosen and rejected samples stay the same.
     """
     from popri.config import RunConfig
+    from popri.preferences import rank_within_prompts
     from popri.scoring import clipped_scores_sum
 
     score = {p: clipped_scores_sum(samples[p].astype(np.float64), sums[p]) for p in ("fp32", "bf16")}
     shift_sd = float(np.std(score["bf16"] - score["fp32"]))
     sigma = float(RunConfig().resolved_noise_multiplier())
     groups = len(score["fp32"]) // samples_per_prompt
-    ranks = {
-        p: np.argsort(-v[: groups * samples_per_prompt].reshape(groups, samples_per_prompt), axis=1)
-        for p, v in score.items()
-    }
+    ranks = {p: rank_within_prompts(v[: groups * samples_per_prompt], samples_per_prompt) for p, v in score.items()}
     same = (ranks["fp32"][:, 0] == ranks["bf16"][:, 0]) & (
         ranks["fp32"][:, rejected_rank] == ranks["bf16"][:, rejected_rank]
     )
